@@ -1,0 +1,29 @@
+"""The ``jd.*`` section of the training configuration."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JDConfig(BaseModel):
+    """How the loss is split into objectives and how their Jacobian is aggregated.
+
+    ``split="none"`` is plain gradient descent on the usual weighted sum: no JD machinery runs.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: str = "none"
+    aggregator: str = "upgrad"
+    aggregator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    n_groups: int | None = Field(default=None, ge=1)
+    engine: Literal["auto", "autojac", "gramian", "autogram"] = "auto"
+    distributed: Literal["local", "global"] = "local"
+    include_puzzle_embedding: bool = True
+    intermediate_loss_weight: float = Field(default=1.0, ge=0.0)
+    max_supervisions: int = Field(default=4, ge=1)
+    differential_loss: bool = False
+    carry_perturbation_rate: float = Field(default=0.0, ge=0.0)
+    diagnostics: bool = True

@@ -1,0 +1,174 @@
+"""Building blocks shared by the TRM, HRM and transformer baselines.
+
+Weights are stored in float32 and cast to the forward dtype (bfloat16 on CUDA, float32 on CPU) at use,
+as in the reference code; norms are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def trunc_normal_(tensor: Tensor, std: float = 1.0) -> Tensor:
+    """Truncated normal initialisation (at two standard deviations) whose *actual* std is ``std``."""
+    if std == 0:
+        return tensor.zero_()
+    # The std of a standard normal truncated to [-2, 2] is ~0.8796; rescale so the result has `std`.
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std / 0.87962566103423978, a=-2 * std / 0.8796, b=2 * std / 0.8796)
+
+
+def rms_norm(hidden: Tensor, eps: float = 1e-5) -> Tensor:
+    """Weightless RMS normalisation over the last dimension, computed in float32."""
+    dtype = hidden.dtype
+    hidden = hidden.float()
+    hidden = hidden * torch.rsqrt(hidden.square().mean(-1, keepdim=True) + eps)
+    return hidden.to(dtype)
+
+
+class CastedLinear(nn.Module):
+    """A linear layer whose float32 weights are cast to the input's dtype at each call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(trunc_normal_(torch.empty(out_features, in_features), std=1.0 / math.sqrt(in_features)))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class CastedEmbedding(nn.Module):
+    """An embedding table whose float32 rows are cast to ``cast_to`` when looked up."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float, cast_to: torch.dtype) -> None:
+        super().__init__()
+        self.cast_to = cast_to
+        self.weight = nn.Parameter(trunc_normal_(torch.empty(num_embeddings, embedding_dim), std=init_std))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight.to(self.cast_to))
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE cos/sin tables for a fixed maximum sequence length."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        return self.cos, self.sin
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` of shape ``[B, S, heads, head_dim]`` by position."""
+    dtype = x.dtype
+    x = x.float()
+    cos, sin = cos[: x.shape[1]].unsqueeze(-2), sin[: x.shape[1]].unsqueeze(-2)
+    return (x * cos + _rotate_half(x) * sin).to(dtype)
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head self-attention (puzzles are predicted all at once)."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.qkv_proj = CastedLinear(hidden_size, 3 * hidden_size)
+        self.o_proj = CastedLinear(hidden_size, hidden_size)
+
+    def forward(self, hidden: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
+        batch, seq, _ = hidden.shape
+        qkv = self.qkv_proj(hidden).view(batch, seq, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.unbind(dim=2)
+        if rotary is not None:
+            query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def _swiglu_inner(hidden_size: int, expansion: float) -> int:
+    inner = round(expansion * hidden_size * 2 / 3)
+    return -(-inner // 256) * 256 if inner >= 256 else inner  # multiples of 256 on large models
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward block: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, expansion: float) -> None:
+        super().__init__()
+        inner = _swiglu_inner(hidden_size, expansion)
+        self.gate_up_proj = CastedLinear(hidden_size, 2 * inner)
+        self.down_proj = CastedLinear(inner, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Post-norm block: ``h = norm(h + mix(h)); h = norm(h + mlp(h))``.
+
+    ``mix`` is self-attention, or with ``mlp_t`` a SwiGLU applied along the sequence (token mixing
+    with an MLP, as in the TRM paper's Sudoku variant).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        expansion: float,
+        seq_len: int,
+        mlp_t: bool = False,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.mlp_t = mlp_t
+        self.norm_eps = norm_eps
+        self.dropout = dropout
+        if mlp_t:
+            self.token_mixer = SwiGLU(seq_len, expansion)
+        else:
+            self.self_attn = Attention(hidden_size, num_heads)
+        self.mlp = SwiGLU(hidden_size, expansion)
+
+    def forward(self, hidden: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
+        if self.mlp_t:
+            mixed = self.token_mixer(hidden.transpose(1, 2)).transpose(1, 2)
+        else:
+            mixed = self.self_attn(hidden, rotary)
+        hidden = rms_norm(hidden + F.dropout(mixed, self.dropout, self.training), self.norm_eps)
+        hidden = rms_norm(hidden + F.dropout(self.mlp(hidden), self.dropout, self.training), self.norm_eps)
+        return hidden
+
+
+class ReasoningModule(nn.Module):
+    """A stack of blocks applied to ``hidden + injection``."""
+
+    def __init__(self, blocks: list[Block]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+
+    def forward(self, hidden: Tensor, injection: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
+        hidden = hidden + injection
+        for layer in self.layers:
+            hidden = layer(hidden, rotary)
+        return hidden

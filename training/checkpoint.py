@@ -1,0 +1,92 @@
+"""Checkpoints of the full training state, written atomically and loaded with ``weights_only=True``.
+
+A checkpoint is ``RUN_DIR/checkpoints/step_XXXXXXXX.pt``: a dict of tensors, numbers, strings, lists
+and dicts only, so ``torch.load(..., weights_only=True)`` can read it without running pickled code.
+Writes go to a temporary file that is fsynced and renamed, so a crash at any moment leaves the
+previous checkpoints intact; ``keep_last`` bounds how many are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model or config."""
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: int) -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step``; delete all but the ``keep_last`` newest."""
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": CHECKPOINT_FORMAT, "step": step, **state}
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def resolve_checkpoint(path_or_run: str | Path) -> Path:
+    """A checkpoint file, or the newest checkpoint of a run directory."""
+    path = Path(path_or_run)
+    if path.is_dir():
+        found = list_checkpoints(path) or list_checkpoints(path.parent)
+        if not found:
+            raise CheckpointError(f"no checkpoint (checkpoints/step_*.pt) under {path}")
+        return found[-1]
+    if not path.is_file():
+        raise CheckpointError(f"load_checkpoint={path}: no such file or run directory")
+    return path
+
+
+def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``) with a clear error if it is not one of ours."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
+        raise CheckpointError(f"{path}: not a trm-jd checkpoint (format {CHECKPOINT_FORMAT} with model state expected)")
+    return state
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

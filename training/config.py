@@ -1,0 +1,146 @@
+"""The typed training configuration: Hydra composes YAML, this module validates it before any compute.
+
+Names follow the reference TRM code where its users know them (``data_paths``, ``global_batch_size``,
+``epochs``, ``eval_interval``, ``lr``, ``puzzle_emb_lr``, ``ema``, ``arch.*``); JD lives under ``jd.*``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from jd.config import JDConfig
+from models.recursive_reasoning.config import ArchConfig
+
+EVALUATOR_NAMES = ("exact", "arc")
+DEMO_DATA_PATH = "data/demo-sudoku-4x4"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key, the value and what is accepted."""
+
+
+class EvaluatorConfig(BaseModel):
+    """One evaluator: ``name`` picks the class from the project's registry; the rest are its arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["exact", "arc"]
+    pass_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10])
+    submission_k: int = 2
+
+
+class WandbConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    entity: str | None = None
+    project: str | None = None  # defaults to project_name
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrainConfig(BaseModel):
+    """Everything a run needs, validated. See ``config/cfg_pretrain.yaml`` for the documented defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: ArchConfig = Field(default_factory=ArchConfig)
+    jd: JDConfig = Field(default_factory=JDConfig)
+
+    # Data
+    data_paths: list[str] = Field(min_length=1)
+    data_paths_test: list[str] = Field(default_factory=list)
+    evaluators: list[EvaluatorConfig] = Field(default_factory=lambda: [EvaluatorConfig(name="exact")])
+
+    # Schedule
+    global_batch_size: int = Field(ge=1)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    epochs: int = Field(ge=1)
+    eval_interval: int | None = Field(default=None, ge=1, description="epochs between evaluations; None = only at the end")
+    min_eval_interval: int = Field(default=0, ge=0)
+    eval_max_batches: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+
+    # Optimisation
+    lr: float = Field(gt=0)
+    lr_min_ratio: float = Field(default=1.0, ge=0, le=1)
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    weight_decay: float = Field(default=0.1, ge=0)
+    puzzle_emb_lr: float = Field(default=1e-2, ge=0)
+    puzzle_emb_weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip_norm: float | None = Field(default=None, gt=0)
+    ema: bool = False
+    ema_rate: float = Field(default=0.999, gt=0, lt=1)
+
+    # Run
+    seed: int = 0
+    project_name: str | None = None
+    run_name: str | None = None
+    runs_root: str = "runs"
+    run_dir: str | None = None
+    load_checkpoint: str | None = None
+    resume: bool = False
+    checkpoint_every_eval: bool = True
+    checkpoint_interval: int | None = Field(default=None, ge=1, description="also checkpoint every N optimizer steps")
+    keep_last: int = Field(default=3, ge=1)
+    max_nonfinite_steps: int = Field(default=20, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: Literal["auto", "true", "false"] | bool = "auto"
+    log_interval: int = Field(default=1, ge=1)
+    progress_bar: bool = True
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.jd.split == "none" and self.jd.n_groups is not None:
+            raise ValueError("jd.n_groups groups JD objectives; it has no meaning with jd.split=none")
+        return self
+
+    @property
+    def eval_paths(self) -> list[str]:
+        return self.data_paths_test or self.data_paths
+
+    def compile_enabled(self, device_type: str) -> bool:
+        if isinstance(self.compile, bool):
+            return self.compile
+        if self.compile == "auto":
+            return device_type == "cuda" and os.environ.get("DISABLE_COMPILE", "0") in ("", "0")
+        return self.compile == "true"
+
+    def check_world(self, world_size: int) -> None:
+        """Sizes that depend on the number of processes."""
+        per_step = world_size * self.grad_accum_steps
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} is not divisible by world_size x grad_accum_steps = "
+                f"{world_size} x {self.grad_accum_steps}; choose a multiple of {per_step}"
+            )
+
+
+def parse_config(raw: DictConfig | dict[str, Any]) -> TrainConfig:
+    """Resolve interpolations and validate; raise :class:`ConfigError` with one line per problem."""
+    data = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw
+    data = {key: value for key, value in dict(data).items() if key != "hydra"}  # type: ignore[arg-type]
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "config"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see config/cfg_pretrain.yaml for the accepted keys)"
+        value = problem.get("input")
+        shown = "" if problem["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{key}: {message}{shown}")
+    return "invalid config: " + "; ".join(lines)

@@ -1,0 +1,80 @@
+"""Evaluation: run every test batch through all ACT steps and feed the evaluators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dataset.puzzle_dataset import PuzzleDataset
+from evaluators.base import Evaluator
+from models.losses import ACTLossHead
+from training.config import EvaluatorConfig
+from training.distributed import DistInfo
+
+EVAL_SUMS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss")
+
+
+def build_evaluators(configs: list[EvaluatorConfig], eval_paths: list[str]) -> list[Evaluator]:
+    """Evaluators from the project's registry (never from import strings in config)."""
+    evaluators: list[Evaluator] = []
+    for config in configs:
+        if config.name == "exact":
+            from evaluators.exact import ExactMatchEvaluator
+
+            evaluators.append(ExactMatchEvaluator(name="eval"))
+        elif config.name == "arc":
+            from evaluators.arc import ARCEvaluator
+
+            evaluators.append(ARCEvaluator(eval_paths[0], pass_ks=tuple(config.pass_ks), submission_k=config.submission_k))
+    return evaluators
+
+
+@torch.no_grad()
+def evaluate(
+    loss_head: ACTLossHead,
+    data: PuzzleDataset,
+    evaluators: list[Evaluator],
+    dist_info: DistInfo,
+    *,
+    global_batch_size: int,
+    max_batches: int | None = None,
+    save_dir: Path | None = None,
+) -> dict[str, float]:
+    """Metrics on rank 0 (``eval/...`` from the loss head plus each evaluator's keys); ``{}`` elsewhere."""
+    model = loss_head.model
+    was_training = model.training
+    model.eval()
+    for evaluator in evaluators:
+        evaluator.begin_eval()
+    sums = torch.zeros(len(EVAL_SUMS), device=dist_info.device)
+    for index, batch in enumerate(data.test_batches()):
+        if max_batches is not None and index >= max_batches:
+            break
+        batch = {key: value.to(dist_info.device) for key, value in batch.items()}
+        carry = loss_head.initial_carry(batch)
+        for _ in range(model.config.halt_max_steps):
+            carry, _, metrics, outputs, all_halted = loss_head(carry, batch, global_batch_size=global_batch_size)
+            if bool(all_halted):
+                break
+        sums += torch.stack([metrics[name].float() for name in EVAL_SUMS])
+        for evaluator in evaluators:
+            evaluator.update_batch(batch, {key: outputs[key] for key in ("preds", "q_halt_logits", "logits")})
+    if dist_info.world_size > 1:
+        dist.all_reduce(sums)
+    results: dict[str, float] = {}
+    values = dict(zip(EVAL_SUMS, sums.tolist()))
+    count = max(values.pop("count"), 1.0)
+    for name, value in values.items():
+        results[f"eval/{name}"] = value / count
+    results["eval/count"] = count
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    for evaluator in evaluators:
+        extra = evaluator.result(save_dir, dist_info.rank, dist_info.world_size)
+        if extra:
+            results.update(extra)
+    if was_training:
+        model.train()
+    return results if dist_info.is_main else {}
