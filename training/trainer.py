@@ -37,7 +37,7 @@ from models.recursive_reasoning.act import ACTCarry
 from models.registry import build_model
 from models.sparse_embedding import SignSGDSparseEmbedding
 from training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.distributed import DistInfo, broadcast_module_
 from training.evaluation import build_evaluators, evaluate
 from training.logger import RunLogger, check_wandb_config
@@ -70,12 +70,22 @@ class Trainer:
         self.eval_data = PuzzleDataset(config.eval_paths, "test", config.global_batch_size // config.grad_accum_steps, **data_kwargs)
         meta = self.train_data.metadata
         if self.eval_data.metadata.seq_len != meta.seq_len or self.eval_data.metadata.vocab_size != meta.vocab_size:
-            raise ValueError(f"data_paths_test {config.eval_paths} do not match data_paths {config.data_paths} in seq_len / vocab_size")
+            raise ConfigError(f"data_paths_test {config.eval_paths} do not match data_paths {config.data_paths} in seq_len / vocab_size")
         self.total_iterations = math.ceil(config.epochs / epochs_per_iter)
 
         # JD: the split decides how many supervision steps one optimizer step runs.
-        validate_split(config.jd, halt_max_steps=config.arch.halt_max_steps, H_cycles=config.arch.H_cycles, no_ACT_continue=config.arch.no_ACT_continue)
-        self.jd_step = build_jd_step(config.jd, world_size=dist_info.world_size)
+        try:
+            validate_split(
+                config.jd,
+                halt_max_steps=config.arch.halt_max_steps,
+                H_cycles=config.arch.H_cycles,
+                no_ACT_continue=config.arch.no_ACT_continue,
+                batch_size=self.micro_batch,
+                seq_len=meta.seq_len,
+            )
+            self.jd_step = build_jd_step(config.jd, world_size=dist_info.world_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.supervision_steps = self.jd_step.split.supervision_steps(config.arch.halt_max_steps)
         # Each optimizer step reads one global batch per supervision step (micro-batches split it).
         estimated = max(1, self.train_data.estimated_total_batches(config.epochs) // self.supervision_steps)
@@ -108,10 +118,8 @@ class Trainer:
 
         # Run directory, resume, logging.
         checkpoint_file = self._checkpoint_to_resume()
+        resume_step = None if checkpoint_file is None else self._restore(checkpoint_file)
         self.run_dir, self.run_name, self.project_name = prepare_run_dir(config, dist_info, resuming_from=checkpoint_file)
-        resume_step = None
-        if checkpoint_file is not None:
-            resume_step = self._restore(checkpoint_file)
         self.logger = (
             RunLogger(self.run_dir, config.model_dump(mode="json"), config.wandb, self.run_name, self.project_name, resume_step=resume_step)
             if dist_info.is_main
@@ -382,7 +390,9 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Tensor], source: P
     if table_key in state and table_key in own and state[table_key].shape != own[table_key].shape:
         old = state[table_key]
         if old.shape[1:] != own[table_key].shape[1:]:
-            raise CheckpointError(f"{source}: puzzle embedding width {tuple(old.shape)} does not match the model's {tuple(own[table_key].shape)}")
+            raise CheckpointError(
+                f"{source}: checkpoint does not fit this model: puzzle embedding width {tuple(old.shape)} vs the model's {tuple(own[table_key].shape)}"
+            )
         print(f"[checkpoint] puzzle embedding has {old.shape[0]} rows, the dataset needs {own[table_key].shape[0]}: re-initialised from their mean")
         state[table_key] = old.mean(dim=0, keepdim=True).expand_as(own[table_key]).clone()
     missing = sorted(set(own) - set(state))

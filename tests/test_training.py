@@ -1,0 +1,151 @@
+"""End-to-end: real tiny trainings on CPU through the same code path as ``pretrain.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pretrain import run
+from tests.conftest import REPO, compose, tiny_overrides
+from training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from training.config import ConfigError
+from training.run_dir import RunDirError
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_training_learns_and_writes_a_run_directory(sudoku_data: Path, tmp_path: Path) -> None:
+    config = compose(tiny_overrides(sudoku_data, tmp_path, epochs=12, eval_interval=6, lr=3e-3, run_name="learn"))
+    summary = run(config)
+    run_dir = Path(summary["run_dir"])
+    assert run_dir == tmp_path / "sudoku4" / "learn"
+    assert summary["status"] == "finished" and summary["final_step"] > 20
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    records = read_metrics(run_dir)
+    train = [r for r in records if "train/lm_loss" in r]
+    assert {"train/lm_loss", "train/accuracy", "train/exact_accuracy", "train/lr", "train/step_time_s"} <= set(train[0])
+    first, last = sum(r["train/lm_loss"] for r in train[:5]) / 5, sum(r["train/lm_loss"] for r in train[-5:]) / 5
+    assert last < 0.8 * first, f"LM loss should fall: {first:.3f} -> {last:.3f}"
+    evals = [r for r in records if "eval/exact_accuracy" in r]
+    assert len(evals) == 2 and "eval/exact_accuracy_ci_low" in evals[-1]
+    checkpoint = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert checkpoint["progress"]["step"] == summary["final_step"]
+    assert {"model", "optimizer", "sparse_optimizer", "ranks", "config"} <= set(checkpoint)
+
+
+def test_resume_reproduces_an_uninterrupted_run(sudoku_data: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(sudoku_data, tmp_path, max_steps=8, checkpoint_interval=4, keep_last=10, eval_interval=100, run_name="resume")
+    summary = run(compose(overrides))
+    run_dir = Path(summary["run_dir"])
+    uninterrupted = load_checkpoint(list_checkpoints(run_dir)[-1])
+    reference_metrics = [r for r in read_metrics(run_dir) if "train/lm_loss" in r]
+    # Pretend the run died after step 4: resume from that checkpoint (in the same run directory).
+    for later in list_checkpoints(run_dir)[1:]:
+        later.unlink()
+    run(compose(overrides + [f"load_checkpoint={run_dir / 'checkpoints' / 'step_00000004.pt'}"]))
+    resumed = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert resumed["progress"]["step"] == 8
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    resumed_metrics = [r for r in read_metrics(run_dir) if "train/lm_loss" in r]
+    assert [r["step"] for r in resumed_metrics] == list(range(1, 9))
+    for a, b in zip(reference_metrics, resumed_metrics):
+        assert a["train/lm_loss"] == b["train/lm_loss"] and a["train/accuracy"] == b["train/accuracy"]
+
+
+def test_gradient_accumulation_matches_the_full_batch(sudoku_data: Path, tmp_path: Path) -> None:
+    common = dict(max_steps=3, eval_interval=100, **{"arch.halt_exploration_prob": 0.0})
+    full = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="full", **common)))
+    accumulated = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="accum", grad_accum_steps=2, **common)))
+    a = load_checkpoint(list_checkpoints(Path(full["run_dir"]))[-1])["model"]
+    b = load_checkpoint(list_checkpoints(Path(accumulated["run_dir"]))[-1])["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_bad_input_stops_before_training(sudoku_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="divisible"):
+        run(compose(tiny_overrides(sudoku_data, tmp_path, grad_accum_steps=3)))
+    with pytest.raises(ConfigError, match="arch.hidden_size"):
+        compose(tiny_overrides(sudoku_data, tmp_path, **{"arch.hidden_size": "big"}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        compose(tiny_overrides(sudoku_data, tmp_path) + ["+learning_rate=1"])
+    with pytest.raises(ConfigError, match="jd.split"):
+        run(compose(tiny_overrides(sudoku_data, tmp_path, **{"jd.split": "nonsense"})))
+    from dataset.common import DatasetError
+
+    with pytest.raises(DatasetError, match="does not exist"):
+        run(compose(tiny_overrides(tmp_path / "missing", tmp_path)))
+    # An existing run directory is never reused by a new run.
+    existing = tmp_path / "sudoku4" / "taken"
+    existing.mkdir(parents=True)
+    (existing / "metrics.jsonl").write_text("keep me\n")
+    with pytest.raises(RunDirError, match="already exists"):
+        run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="taken")))
+    assert (existing / "metrics.jsonl").read_text() == "keep me\n"
+    # Unreadable and foreign checkpoints.
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        run(compose(tiny_overrides(sudoku_data, tmp_path, load_checkpoint=bad)))
+
+
+def test_checkpoint_of_another_model_is_rejected(sudoku_data: Path, tmp_path: Path) -> None:
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, run_name="small")))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        run(compose(tiny_overrides(sudoku_data, tmp_path, **{"arch.hidden_size": 64, "load_checkpoint": summary["run_dir"]})))
+
+
+def test_cli_prints_a_one_line_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "pretrain.py", f"data_paths=[{tmp_path / 'nothing'}]", "wandb.mode=disabled", "device=cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, overrides: list[str], out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from training.distributed import setup_distributed, teardown_distributed
+    from training.trainer import Trainer
+
+    config = compose(overrides)
+    trainer = Trainer(config, setup_distributed("cpu"))
+    trainer.fit()
+    torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, Path(out_dir) / f"rank{rank}.pt")
+    teardown_distributed()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_matches_one_process(sudoku_data: Path, tmp_path: Path) -> None:
+    common = dict(max_steps=4, eval_interval=100, **{"arch.halt_exploration_prob": 0.0})
+    single = run(compose(tiny_overrides(sudoku_data, tmp_path / "one", run_name="single", **common)))
+    reference = load_checkpoint(list_checkpoints(Path(single["run_dir"]))[-1])["model"]
+    overrides = tiny_overrides(sudoku_data, tmp_path / "two", run_name="double", **common)
+    mp.spawn(_distributed_worker, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in reference:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks differ on {key}"
+        torch.testing.assert_close(rank0[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+    shutil.rmtree(tmp_path / "two", ignore_errors=True)
