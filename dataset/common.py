@@ -173,6 +173,7 @@ def write_dataset(
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a dataset is meant to be shared
     try:
         for name, arrays in splits.items():
             (staging / name).mkdir()
