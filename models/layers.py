@@ -36,10 +36,23 @@ class CastedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(trunc_normal_(torch.empty(out_features, in_features), std=1.0 / math.sqrt(in_features)))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.per_sample: dict[str, Tensor] | None = None  # set by models.per_sample.per_sample_parameters
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.per_sample is not None:
+            return _per_sample_linear(x, self.per_sample["weight"], self.per_sample.get("bias"))
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _per_sample_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x [B, ..., in]`` times sample ``b``'s own ``weight [B, out, in]`` (and ``bias [B, out]``)."""
+    batch = x.shape[0]
+    flat = x.reshape(batch, -1, x.shape[-1])
+    out = torch.bmm(flat, weight.to(x.dtype).transpose(1, 2))
+    if bias is not None:
+        out = out + bias.to(x.dtype).unsqueeze(1)
+    return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
 class CastedEmbedding(nn.Module):
@@ -49,9 +62,19 @@ class CastedEmbedding(nn.Module):
         super().__init__()
         self.cast_to = cast_to
         self.weight = nn.Parameter(trunc_normal_(torch.empty(num_embeddings, embedding_dim), std=init_std))
+        self.per_sample: dict[str, Tensor] | None = None  # set by models.per_sample.per_sample_parameters
 
     def forward(self, ids: Tensor) -> Tensor:
+        if self.per_sample is not None:
+            table = self.per_sample["weight"].to(self.cast_to)  # [B, num_embeddings, dim]
+            rows = torch.arange(ids.shape[0], device=ids.device).view(-1, *([1] * (ids.ndim - 1)))
+            return table[rows, ids]
         return F.embedding(ids, self.weight.to(self.cast_to))
+
+    def table(self) -> Tensor:
+        """The whole table (``[B, N, D]`` per sample in per-sample mode), cast to the forward dtype."""
+        weight = self.per_sample["weight"] if self.per_sample is not None else self.weight
+        return weight.to(self.cast_to)
 
 
 class RotaryEmbedding(nn.Module):

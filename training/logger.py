@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def _start_wandb(run_dir: Path, config: dict[str, Any], wandb_config: WandbConfi
     jd = config.get("jd", {})
     tags += [f"split:{jd.get('split', 'none')}", f"aggregator:{jd.get('aggregator', '-') if jd.get('split') != 'none' else 'gd'}"]
     run_id_file = run_dir / "wandb_run_id.txt"
-    run_id = run_id_file.read_text().strip() if resumed and run_id_file.exists() else wandb.util.generate_id()
+    run_id = run_id_file.read_text().strip() if resumed and run_id_file.exists() else uuid.uuid4().hex[:8]
     run_id_file.write_text(run_id)
     return wandb.init(
         project=wandb_config.project or project_name,

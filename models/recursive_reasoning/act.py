@@ -157,7 +157,7 @@ class ACTModel(nn.Module):
                 puzzle = F.pad(puzzle, (0, pad))
             embedding = torch.cat((puzzle.view(-1, self.puzzle_emb_len, self.config.hidden_size), embedding), dim=-2)
         if self.embed_pos is not None:
-            embedding = 0.707106781 * (embedding + self.embed_pos.weight.to(self.forward_dtype))
+            embedding = 0.707106781 * (embedding + self.embed_pos.table())
         return self.embed_scale * embedding
 
     # -------------------------------------------------------------------------------- forward
