@@ -27,3 +27,7 @@ class JDConfig(BaseModel):
     differential_loss: bool = False
     carry_perturbation_rate: float = Field(default=0.0, ge=0.0)
     diagnostics: bool = True
+    seed: int = Field(default=0, description="seed of the JD step's own generator (jd.n_groups bucketing)")
+    parallel_chunk_size: int | None = Field(
+        default=None, ge=1, description="Jacobian rows differentiated at once (None: all, with torch.vmap; 1: no vmap)"
+    )

@@ -1,0 +1,100 @@
+"""How far a Jacobian-descent update departs from gradient descent, from the Gramian alone.
+
+Every quantity comes from the Gramian ``G = J J^T`` (``[m, m]``, the inner products of the
+objectives' gradients) and the update, never from a second backward pass. With weights ``w`` the
+aggregator's update is ``d = J^T w``, so ``J d = G w`` and ``||d||^2 = w^T G w``; for aggregators that
+give no weights the step passes ``J d`` and ``||d||^2`` directly.
+
+Metrics (all floats):
+
+``J^T 1`` is the gradient of the objectives' sum: the GD gradient for every split that partitions
+the GD loss (all but the internal-cycle stacks, see :mod:`jd.splits`).
+
+* ``jd/gd_similarity``: ``cos(d, J^T 1) = 1^T J d / (||d|| ||J^T 1||)``, i.e.
+  ``w^T G 1 / (sqrt(w^T G w) sqrt(1^T G 1))``; 1 for the ``mean`` aggregator, 0 when either vector is zero.
+* ``jd/update_norm_ratio``: ``m ||d|| / ||J^T 1||``: the norm of the applied update (the step
+  multiplies ``d`` by ``m``, see :mod:`jd.splits`) relative to the GD gradient; equivalently
+  ``||d|| / ||J^T 1 / m||``, the aggregate relative to the mean gradient. 1 for ``mean``.
+* ``jd/update_alignment_min``: ``min_i cos(d, g_i)`` over objectives with a non-zero gradient
+  ``g_i``; non-negative when the update conflicts with no objective (UPGrad's guarantee).
+* ``jd/num_objectives``: ``m``.
+* ``jd/gramian_min``, ``jd/gramian_mean``, ``jd/gramian_median``: statistics of all entries of ``G``;
+  ``jd/gramian_diag_min``, ``jd/gramian_diag_mean``: of its diagonal (squared gradient norms).
+* ``jd/conflict_fraction``: the share of objective pairs ``i < j`` whose gradients conflict (``G_ij < 0``).
+* ``jd/weights_min``, ``jd/weights_max``, ``jd/weights_entropy``: of the weights, the entropy (nats)
+  of ``|w| / sum |w|``; present only when the aggregator has weights.
+
+Cost: ``O(m^2)`` on the device plus one host transfer of a dozen numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def diagnostics_from_weights(gramian: Tensor, weights: Tensor) -> dict[str, float]:
+    """Diagnostics of the update ``J^T w`` from ``G = J J^T`` and ``w``."""
+    g = gramian.detach().double()
+    w = weights.detach().double().to(g.device)
+    projections = g @ w
+    return _metrics(g, projections, w @ projections, w)
+
+
+def diagnostics_from_update(
+    gramian: Tensor, projections: Tensor, update_sq_norm: Tensor, weights: Tensor | None = None
+) -> dict[str, float]:
+    """Diagnostics of an update ``d`` given ``G = J J^T``, ``projections = J d`` and ``||d||^2``."""
+    g = gramian.detach().double()
+    w = None if weights is None else weights.detach().double().to(g.device)
+    return _metrics(g, projections.detach().double().to(g.device), update_sq_norm.detach().double().to(g.device), w)
+
+
+def _metrics(gramian: Tensor, projections: Tensor, update_sq_norm: Tensor, weights: Tensor | None) -> dict[str, float]:
+    m = gramian.shape[0]
+    gd_sq_norm = gramian.sum().clamp_min(0.0)  # 1^T G 1 = ||J^T 1||^2
+    update_norm = update_sq_norm.clamp_min(0.0).sqrt()
+    gd_norm = gd_sq_norm.sqrt()
+    denominator = update_norm * gd_norm
+    zero = gramian.new_zeros(())
+    similarity = torch.where(denominator > 0, projections.sum() / denominator.clamp_min(1e-300), zero)
+    norm_ratio = torch.where(gd_norm > 0, m * update_norm / gd_norm.clamp_min(1e-300), zero)
+
+    diagonal = gramian.diagonal()
+    gradient_norms = diagonal.clamp_min(0.0).sqrt()
+    alive = gradient_norms > 0
+    cosines = projections / (gradient_norms * update_norm).clamp_min(1e-300)
+    alignment = torch.where(alive & (update_norm > 0), cosines, torch.full_like(cosines, float("inf"))).min()
+    alignment = torch.where(torch.isinf(alignment), zero, alignment)
+
+    if m > 1:
+        upper = torch.triu_indices(m, m, offset=1, device=gramian.device)
+        conflict = (gramian[upper[0], upper[1]] < 0).double().mean()
+    else:
+        conflict = zero
+
+    entries = gramian.flatten()
+    values = {
+        "jd/gd_similarity": similarity,
+        "jd/update_norm_ratio": norm_ratio,
+        "jd/update_alignment_min": alignment,
+        "jd/gramian_min": entries.min(),
+        "jd/gramian_mean": entries.mean(),
+        "jd/gramian_median": entries.median(),
+        "jd/gramian_diag_min": diagonal.min(),
+        "jd/gramian_diag_mean": diagonal.mean(),
+        "jd/conflict_fraction": conflict,
+    }
+    if weights is not None:
+        magnitudes = weights.abs()
+        total = magnitudes.sum()
+        p = magnitudes / total.clamp_min(1e-300)
+        entropy = -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), zero)).sum()
+        values["jd/weights_min"] = weights.min()
+        values["jd/weights_max"] = weights.max()
+        values["jd/weights_entropy"] = torch.where(total > 0, entropy, zero)
+    names = list(values)
+    numbers = torch.stack([values[k].reshape(()) for k in names]).tolist()
+    result = dict(zip(names, (float(x) for x in numbers)))
+    result["jd/num_objectives"] = float(m)
+    return result
