@@ -19,7 +19,7 @@ class JDConfig(BaseModel):
     aggregator: str = "upgrad"
     aggregator_kwargs: dict[str, Any] = Field(default_factory=dict)
     n_groups: int | None = Field(default=None, ge=1)
-    engine: Literal["auto", "autojac", "gramian", "autogram"] = "auto"
+    engine: Literal["auto", "per_sample", "gramian", "autojac", "autogram"] = "auto"
     distributed: Literal["local", "global"] = "local"
     include_puzzle_embedding: bool = True
     intermediate_loss_weight: float = Field(default=1.0, ge=0.0)

@@ -333,6 +333,18 @@ def split_from_config(config: JDConfig) -> SplitSpec:
 
 
 # ------------------------------------------------------------------------------ bucket grouping
+def bucket_matrix(m: int, n_groups: int, generator: torch.Generator) -> Tensor:
+    """The ``[n_groups, m]`` 0/1 matrix of :func:`group_objectives` (one random permutation from ``generator``)."""
+    if n_groups > m:
+        raise ValueError(f"jd.n_groups={n_groups} is larger than the split's number of objectives m={m}")
+    permutation = torch.randperm(m, generator=generator)
+    bucket_of = torch.empty(m, dtype=torch.long)
+    bucket_of[permutation] = torch.arange(m) % n_groups
+    matrix = torch.zeros(n_groups, m)
+    matrix[bucket_of, torch.arange(m)] = 1.0
+    return matrix
+
+
 def group_objectives(objectives: Tensor, n_groups: int, generator: torch.Generator) -> Tensor:
     """Randomly bucket ``m`` objectives into ``n_groups`` sums (``jd.n_groups``), for any split.
 
@@ -341,13 +353,8 @@ def group_objectives(objectives: Tensor, n_groups: int, generator: torch.Generat
     most one (the first ``m % n_groups`` buckets hold one more). The buckets sum to the same total as
     the objectives, so the GD-equivalence of the ``mean`` aggregator is kept.
     """
-    m = objectives.shape[0]
-    if n_groups > m:
-        raise ValueError(f"jd.n_groups={n_groups} is larger than the split's number of objectives m={m}")
-    permutation = torch.randperm(m, generator=generator)
-    bucket_of = torch.empty(m, dtype=torch.long)
-    bucket_of[permutation] = torch.arange(m) % n_groups
-    return objectives.new_zeros(n_groups).index_add(0, bucket_of.to(objectives.device), objectives)
+    matrix = bucket_matrix(objectives.shape[0], n_groups, generator)
+    return matrix.to(objectives.device, objectives.dtype) @ objectives
 
 
 # ------------------------------------------------------------------------------------ validation

@@ -10,9 +10,18 @@ optimizer step; nothing else in the trainer knows which engine ran.
   into ``.grad``: with the ``mean`` aggregator this is exactly the GD gradient of the objectives'
   sum (the GD loss for the splits that partition it).
 
-Engines (``jd.engine``; ``auto`` picks ``gramian`` for a Gramian-weighted aggregator, ``autojac``
-otherwise):
+Engines (``jd.engine``; ``auto`` picks ``per_sample`` where it applies, else ``gramian`` for a
+Gramian-weighted aggregator, else ``autojac``):
 
+* ``per_sample``: for splits whose objectives are linear combinations of per-sample losses
+  (:data:`PER_SAMPLE_SPLITS`: IWRM, ``lm_loss_vs_q_halt_loss``, the supervision stacks except the
+  pixelwise ones) and Gramian-weighted aggregators. The model runs with per-sample weight leaves
+  (:meth:`JDStep.forward_context`, :mod:`models.per_sample`), so ONE backward per "channel" (the
+  per-sample loss, or its LM and halting parts when the split separates them, per supervision step)
+  yields the per-sample gradients ``E``: the Jacobian is ``J = A E`` with ``A`` read off the split,
+  ``G = A (E E^T) A^T``, and the update ``m J^T w = m E^T (A^T w)`` needs no second backward. IWRM
+  costs about one GD backward instead of ``B``. Single process or ``jd.distributed=local``. Forwards
+  run outside :meth:`JDStep.forward_context` fall back to the ``gramian`` path (same result).
 * ``autojac``: the Jacobian ``J`` (``torchjd.autojac.jac``) is given to the aggregator, as
   ``autojac.backward`` + ``jac_to_grad`` would.
 * ``gramian``: ``G = J J^T`` summed block by block (no concatenated ``J``), weights
@@ -51,7 +60,8 @@ counts it (:attr:`JDStep.skipped_nonfinite`, metric ``jd/skipped_nonfinite``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +82,21 @@ from jd.aggregators import (
 )
 from jd.config import JDConfig
 from jd.diagnostics import diagnostics_from_update, diagnostics_from_weights
-from jd.splits import SplitSpec, group_objectives, split_from_config
+from jd.splits import SplitSpec, bucket_matrix, group_objectives, split_from_config
 from models.loss_terms import LossTerms
+from models.per_sample import per_sample_parameters
+
+PER_SAMPLE_SPLITS = frozenset(
+    {
+        "iwrm_with_q_halt_in",
+        "iwrm_with_q_halt_out",
+        "lm_loss_vs_q_halt_loss",
+        "stack_supervisions",
+        "stack_supervisions_and_sum",
+        "stack_supervisions_and_iwrm",
+    }
+)
+"""Splits whose objectives are linear in each sample's LM and halting losses (``jd.engine=per_sample``)."""
 
 
 @dataclass
@@ -164,6 +187,7 @@ class JDStep:
         self._skipped = 0
         self._needs_finish_reduce = False
         self._autogram: Engine | None = None
+        self._leaves: dict[nn.Parameter, Tensor] | None = None
         self._forward_counts: _ForwardCounter | None = None
         self._aggregator: Aggregator | None = None
         self._aggregator_m: int | None = None
@@ -173,10 +197,17 @@ class JDStep:
         validate_aggregator(config.aggregator, config.aggregator_kwargs)
         probe = build_aggregator(config.aggregator, config.aggregator_kwargs, num_objectives=2)
         gramian_capable = gramian_weighting(probe) is not None
+        per_sample_ok = split.name in PER_SAMPLE_SPLITS and gramian_capable and not self.exact_global
         if config.engine == "auto":
-            self.engine = "gramian" if gramian_capable else "autojac"
+            self.engine = "per_sample" if per_sample_ok else "gramian" if gramian_capable else "autojac"
         else:
             self.engine = config.engine
+        if self.engine == "per_sample" and not per_sample_ok:
+            raise ValueError(
+                f"jd.engine=per_sample needs a split among {sorted(PER_SAMPLE_SPLITS)}, a Gramian-weighted aggregator "
+                f"and a single process or jd.distributed=local (got jd.split={split.name}, jd.aggregator={config.aggregator}); "
+                "use jd.engine=auto"
+            )
         if self.engine in ("gramian", "autogram") and not gramian_capable:
             raise ValueError(
                 f"jd.engine={self.engine} needs weights computed from the Gramian, but jd.aggregator={config.aggregator} "
@@ -200,6 +231,22 @@ class JDStep:
     def exact_global(self) -> bool:
         """Several ranks aggregate one global Jacobian (shared splits, or ``jd.distributed=global``)."""
         return self.world_size > 1 and (not self.split.per_instance or self.config.distributed == "global")
+
+    def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[Any]:
+        """Wrap the forwards (and the :meth:`backward`) of one micro-batch: with ``jd.engine=per_sample``
+        the model computes with per-sample weight leaves; a no-op for every other engine."""
+        if self.engine != "per_sample":
+            return contextlib.nullcontext()
+        return self._per_sample_scope(model, batch_size)
+
+    @contextlib.contextmanager
+    def _per_sample_scope(self, model: nn.Module, batch_size: int) -> Iterator[None]:
+        with per_sample_parameters(model, batch_size) as leaves:
+            self._leaves = leaves
+            try:
+                yield
+            finally:
+                self._leaves = None
 
     def attach(self, *modules: nn.Module) -> None:
         """Hook the model's modules for ``jd.engine=autogram`` (before their forward); a no-op for other engines.
@@ -225,6 +272,11 @@ class JDStep:
             self._needs_finish_reduce = True
             return {}
 
+        if self.engine == "per_sample" and self._leaves is not None:
+            update = self._per_sample_update(steps, [p for p in params if p.requires_grad], [r for r in puzzle_rows if r.requires_grad])
+            self._needs_finish_reduce = self.world_size > 1
+            return self._apply(update, [p for p in params if p.requires_grad], [r for r in puzzle_rows if r.requires_grad])
+
         objectives = self.split.objectives(steps)
         shared = self.split.shared_count(steps)
         if self.config.n_groups is not None:
@@ -240,6 +292,10 @@ class JDStep:
             update = self._local_update(objectives, params, rows)
             self._needs_finish_reduce = self.world_size > 1
 
+        return self._apply(update, params, rows)
+
+    def _apply(self, update: _Update, params: list[Tensor], rows: list[Tensor]) -> dict[str, float]:
+        """Accumulate an update into ``.grad`` (or count it as skipped) and return its metrics."""
         if update.param_grads is None:
             self._skipped += 1
             return {"jd/skipped_nonfinite": float(self._skipped), "jd/num_objectives": float(update.num_objectives)}
@@ -291,7 +347,7 @@ class JDStep:
         inputs = params + jac_rows
         blocks = list(jac(objectives, inputs, parallel_chunk_size=self.config.parallel_chunk_size)) if inputs else []
         update = _Update(m)
-        if self.engine == "gramian":
+        if self.engine in ("gramian", "per_sample"):  # per_sample outside forward_context: same result, slower
             weighting = gramian_weighting(aggregator)
             assert weighting is not None
             gramian = sum((b.reshape(m, -1) @ b.reshape(m, -1).T for b in blocks), objectives.new_zeros(m, m).detach())
@@ -312,6 +368,101 @@ class JDStep:
         update.param_grads = grads[: len(params)]
         update.row_grads = gd_rows if gd_rows is not None else grads[len(params) :]
         return update
+
+    def _per_sample_update(self, steps: Sequence[LossTerms], params: list[Tensor], rows: list[Tensor]) -> _Update:
+        """``jd.engine=per_sample``: see the module docstring."""
+        assert self._leaves is not None
+        batch = steps[0].batch_size
+        channels = [value for terms in steps for value in (terms.lm.sum(dim=1), terms.halting())]  # [B] each, step-major
+        objectives = self.split.objectives(steps)
+        mixing = self._mixing_matrix(steps, channels, objectives)  # [m0, C * B]
+        if self.config.n_groups is not None:
+            buckets = bucket_matrix(objectives.shape[0], self.config.n_groups, self._generator).to(mixing)
+            mixing, objectives = buckets @ mixing, buckets.to(objectives) @ objectives
+        m = objectives.shape[0]
+        if not _all_finite(objectives):
+            return _Update(m)
+
+        # One backward per distinct channel: LM and halting merge when the split never separates them.
+        units: list[tuple[int, Tensor, Tensor]] = []  # (step, per-sample losses [B], mixing columns [m, B])
+        for k in range(len(steps)):
+            lm_cols, halt_cols = mixing[:, 2 * k * batch : (2 * k + 1) * batch], mixing[:, (2 * k + 1) * batch : (2 * k + 2) * batch]
+            if torch.equal(lm_cols, halt_cols):
+                units.append((k, channels[2 * k] + channels[2 * k + 1], lm_cols))
+            else:
+                units.extend([(k, channels[2 * k], lm_cols), (k, channels[2 * k + 1], halt_cols)])
+        leaves = [self._leaves[p] for p in params]
+        step_rows = rows if len(rows) == len(steps) else []
+        per_sample: list[list[Tensor]] = [[] for _ in leaves]  # per leaf, one [B, *shape] per unit
+        row_grads: list[Tensor] = []  # per unit, [B, D] (this unit's step's rows)
+        for index, (k, losses, _) in enumerate(units):
+            targets = leaves + ([step_rows[k]] if step_rows else [])
+            grads = _grads_of(losses.sum(), targets, retain_graph=index < len(units) - 1)
+            for slot, grad in zip(per_sample, grads[: len(leaves)]):
+                slot.append(grad)
+            if step_rows:
+                row_grads.append(grads[-1])
+        coefficients = torch.cat([cols for _, _, cols in units], dim=1)  # A over the units' samples, [m, U * B]
+
+        # Gramian of the per-sample gradients E [U * B, n], then of the objectives: G = A (E E^T) A^T.
+        inner = objectives.new_zeros(len(units) * batch, len(units) * batch).float()
+        for slot in per_sample:
+            flat = torch.stack(slot).reshape(len(units) * batch, -1).float()
+            inner += flat @ flat.T
+        include_rows = self.config.include_puzzle_embedding and bool(row_grads)
+        if include_rows:
+            for i, (k_i, _, _) in enumerate(units):
+                for j, (k_j, _, _) in enumerate(units):
+                    if k_i == k_j:  # rows of different forwards are different columns of J
+                        dots = (row_grads[i].float() * row_grads[j].float()).sum(dim=1)
+                        inner[i * batch : (i + 1) * batch, j * batch : (j + 1) * batch] += torch.diag(dots)
+        coefficients = coefficients.float()
+        gramian = coefficients @ inner @ coefficients.T
+        if not _all_finite(gramian):
+            return _Update(m)
+        aggregator = self._aggregator_for(m)
+        weighting = gramian_weighting(aggregator)
+        assert weighting is not None
+        weights = weighting(gramian).to(gramian.dtype)
+        mix = m * (coefficients.T @ weights)  # [U * B]: each per-sample gradient's coefficient in the update
+        param_grads = [
+            torch.tensordot(mix.to(slot[0].dtype), torch.stack(slot).reshape(len(units) * batch, *slot[0].shape[1:]), dims=1)
+            for slot in per_sample
+        ]
+        if not _all_finite(*param_grads):
+            return _Update(m)
+        final_rows: list[Tensor] = []
+        if step_rows:
+            row_mix = mix if include_rows else (coefficients.T @ torch.ones_like(weights))
+            for k, row in enumerate(step_rows):
+                total = torch.zeros_like(row)
+                for i, (k_i, _, _) in enumerate(units):
+                    if k_i == k:
+                        total = total + row_mix[i * batch : (i + 1) * batch].to(row.dtype).unsqueeze(1) * row_grads[i]
+                final_rows.append(total)
+        elif rows:
+            final_rows = [torch.zeros_like(r) for r in rows]
+        return _Update(m, param_grads=param_grads, row_grads=final_rows, gramian=gramian, weights=weights)
+
+    def _mixing_matrix(self, steps: Sequence[LossTerms], channels: list[Tensor], objectives: Tensor) -> Tensor:
+        """``A`` with ``objectives = A @ cat(channels)``, read off the split on probe losses, and checked."""
+        batch, seq = steps[0].lm.shape
+        device = objectives.device
+
+        def probe(values: Tensor) -> Tensor:
+            fake = []
+            for k in range(len(steps)):
+                lm_part, halt_part = values[2 * k * batch : (2 * k + 1) * batch], values[(2 * k + 1) * batch : (2 * k + 2) * batch]
+                lm = torch.cat([lm_part.unsqueeze(1), lm_part.new_zeros(batch, seq - 1)], dim=1)
+                fake.append(LossTerms(lm=lm, q_halt=2 * halt_part))  # halting() = 0.5 * q_halt
+            return self.split.objectives(fake)
+
+        zeros = torch.zeros(len(channels) * batch, device=device)
+        mixing = torch.autograd.functional.jacobian(probe, zeros, vectorize=True)
+        rebuilt = mixing @ torch.cat([c.detach().float() for c in channels])
+        if not torch.allclose(rebuilt, objectives.detach().float(), rtol=1e-4, atol=1e-6 * max(1.0, float(objectives.detach().abs().max()))):
+            raise ValueError(f"jd.engine=per_sample: jd.split={self.split.name} is not linear in per-sample losses")
+        return mixing
 
     def _autogram_update(
         self, objectives: Tensor, aggregator: Aggregator, params: list[Tensor], rows: list[Tensor], jac_rows: list[Tensor]

@@ -46,13 +46,39 @@ class CastedLinear(nn.Module):
 
 
 def _per_sample_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x [B, ..., in]`` times sample ``b``'s own ``weight [B, out, in]`` (and ``bias [B, out]``)."""
+    """``x [B, ..., in]`` through a linear layer whose weight leaf ``[B, out, in]`` (and bias ``[B, out]``)
+    broadcasts one shared weight: the forward is an ordinary matmul, the backward gives per-sample grads."""
     batch = x.shape[0]
     flat = x.reshape(batch, -1, x.shape[-1])
-    out = torch.bmm(flat, weight.to(x.dtype).transpose(1, 2))
+    out = _PerSampleLinear.apply(flat, weight)
     if bias is not None:
         out = out + bias.to(x.dtype).unsqueeze(1)
     return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
+class _PerSampleLinear(torch.autograd.Function):
+    """``y_b = x_b W^T`` with ``W`` shared in value; ``dW`` is returned per sample: ``dW_b = dy_b^T x_b``.
+
+    The weight leaf is a stride-0 broadcast of one matrix, so the forward never copies it ``B`` times;
+    the per-sample weight gradient costs the FLOPs of the usual (summed) one.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight[0].to(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        x, weight = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        shared = weight[0].to(grad_out.dtype)
+        grad_x = grad_out @ shared
+        grad_weight = torch.bmm(grad_out.transpose(1, 2), x).to(weight.dtype)
+        return grad_x, grad_weight
 
 
 class CastedEmbedding(nn.Module):
