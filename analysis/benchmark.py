@@ -92,6 +92,8 @@ def run_variant(
     """Time ``steps`` optimizer steps of one variant after ``warmup`` untimed ones."""
     torch.manual_seed(0)
     arch = ArchConfig(**preset["arch"])
+    if compile_model and jd_values.get("engine") in ("gramian", "autojac"):
+        jd_values = {**jd_values, "parallel_chunk_size": 1}  # torch.vmap cannot run a compiled backward
     jd_config = JDConfig(**{"aggregator": "upgrad", **jd_values})
     jd_step = build_jd_step(jd_config)
     model = build_model(arch, seq_len=preset["seq_len"], vocab_size=preset["vocab_size"], num_puzzle_identifiers=preset["num_puzzles"], device=device)
@@ -167,6 +169,13 @@ def to_markdown(results: list[Result], header: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(out_json: Path, out_md: Path, header: dict[str, Any], results: list[Result]) -> None:
+    """Write what has been measured so far (a run cut short keeps its finished variants)."""
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps({"header": header, "results": [asdict(r) for r in results]}, indent=2))
+    out_md.write_text(to_markdown(results, header))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -199,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
+    header = {
+        "preset": args.preset,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "compile": compile_model,
+        "batch_size": preset["batch_size"],
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "torch": torch.__version__,
+        "command": "python -m analysis.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     results: list[Result] = []
     gd: Result | None = None
     names = args.variants.split(",")
@@ -226,25 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                 if result.peak_mem_gib is not None and gd.peak_mem_gib:
                     result.mem_ratio_to_gd = result.peak_mem_gib / gd.peak_mem_gib
             results.append(result)
+            _write(out_json, out_md, header, results)
             shown = "failed: " + result.error if result.error else f"{result.median_ms:.1f} ms/step" + (f" ({result.ratio_to_gd:.2f}x GD)" if result.ratio_to_gd else "")
             print(f"{label:32s} m={result.objectives:<5d} {shown}", flush=True)
 
-    header = {
-        "preset": args.preset,
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "compile": compile_model,
-        "batch_size": preset["batch_size"],
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "torch": torch.__version__,
-        "command": "python -m analysis.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"header": header, "results": [asdict(r) for r in results]}, indent=2))
-    markdown = to_markdown(results, header)
-    out_md.write_text(markdown)
-    print("\n" + markdown)
+    print("\n" + to_markdown(results, header))
     print(f"wrote {out_json} and {out_md}")
     return 0
 

@@ -10,8 +10,8 @@ optimizer step; nothing else in the trainer knows which engine ran.
   into ``.grad``: with the ``mean`` aggregator this is exactly the GD gradient of the objectives'
   sum (the GD loss for the splits that partition it).
 
-Engines (``jd.engine``; ``auto`` picks ``per_sample`` where it applies, else ``gramian`` for a
-Gramian-weighted aggregator, else ``autojac``):
+Engines (``jd.engine``; ``auto`` picks ``per_sample`` for the per-instance splits where it applies,
+else ``gramian`` for a Gramian-weighted aggregator, else ``autojac``):
 
 * ``per_sample``: for splits whose objectives are linear combinations of per-sample losses
   (:data:`PER_SAMPLE_SPLITS`: IWRM, ``lm_loss_vs_q_halt_loss``, the supervision stacks except the
@@ -198,8 +198,8 @@ class JDStep:
         probe = build_aggregator(config.aggregator, config.aggregator_kwargs, num_objectives=2)
         gramian_capable = gramian_weighting(probe) is not None
         per_sample_ok = split.name in PER_SAMPLE_SPLITS and gramian_capable and not self.exact_global
-        if config.engine == "auto":
-            self.engine = "per_sample" if per_sample_ok else "gramian" if gramian_capable else "autojac"
+        if config.engine == "auto":  # per-sample gradients pay off where the objectives are per instance
+            self.engine = "per_sample" if per_sample_ok and split.per_instance else "gramian" if gramian_capable else "autojac"
         else:
             self.engine = config.engine
         if self.engine == "per_sample" and not per_sample_ok:
