@@ -92,7 +92,7 @@ def run_variant(
     """Time ``steps`` optimizer steps of one variant after ``warmup`` untimed ones."""
     torch.manual_seed(0)
     arch = ArchConfig(**preset["arch"])
-    if compile_model and jd_values.get("engine") in ("gramian", "autojac"):
+    if compile_model and jd_values.get("split", "none") != "none":
         jd_values = {**jd_values, "parallel_chunk_size": 1}  # torch.vmap cannot run a compiled backward
     jd_config = JDConfig(**{"aggregator": "upgrad", **jd_values})
     jd_step = build_jd_step(jd_config)
