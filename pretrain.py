@@ -4,20 +4,39 @@
     python pretrain.py experiment=arc1                   # a paper preset (config/experiment/)
     python pretrain.py jd.split=iwrm_with_q_halt_in jd.aggregator=upgrad
     torchrun --nproc-per-node 4 pretrain.py experiment=arc1
-    python pretrain.py load_checkpoint=runs/PROJECT/RUN   # resume a run
+    python pretrain.py ... load_checkpoint=runs/PROJECT/RUN   # continue a run from its newest checkpoint
+    torchrun --max-restarts 3 --nproc-per-node 4 pretrain.py run_name=NAME ...   # restarts resume by themselves
 
 Flow: Hydra composes ``config/`` -> :func:`training.config.parse_config` validates it (errors stop the
 run here, before any compute) -> :class:`training.trainer.Trainer` builds data, model, optimizers and
 the run directory -> ``fit()`` trains, evaluates, checkpoints and prints where the run lives.
+
+Command-line overrides (``key=value``) are composed with Hydra's compose API so that every mistake,
+Hydra's own included (an unknown preset, a malformed override), becomes one line on stderr. Hydra's
+flags (``--multirun``, ``--cfg job``, ``--help``, ...) hand the command line to ``@hydra.main``.
+
+Exit status:
+    0  the run finished, or was stopped by SIGTERM/SIGINT after writing a checkpoint (the last lines
+       say how to resume it);
+    2  bad input (config, dataset, checkpoint, run directory): ``error: ...`` on stderr, before any compute;
+    3  training diverged: ``max_nonfinite_steps`` non-finite steps in a row, or non-finite parameters
+       (nothing is saved over the last good checkpoint);
+    130 / 143  a second SIGINT / SIGTERM stopped the run at once, without a new checkpoint.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from dataset.common import DatasetError
 from training.checkpoint import CheckpointError
@@ -26,6 +45,11 @@ from training.distributed import DistInfo, setup_distributed, teardown_distribut
 from training.run_dir import RunDirError
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, RunDirError)
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+EXIT_SIGINT = 130  # the shell's status for a process stopped by Ctrl-C
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+CONFIG_NAME = "cfg_pretrain"
 
 
 def ensure_demo_data(config: TrainConfig, dist_info: DistInfo) -> None:
@@ -44,7 +68,11 @@ def ensure_demo_data(config: TrainConfig, dist_info: DistInfo) -> None:
 
 
 def run(config: TrainConfig) -> dict:
-    """Train one run from a validated config; return its summary."""
+    """Train one run from a validated config; return its summary.
+
+    Raises ``ConfigError``, ``DatasetError``, ``CheckpointError`` or ``RunDirError`` for bad input
+    (before any compute) and :class:`training.trainer.NonFiniteError` when training diverges.
+    """
     from training.trainer import Trainer
 
     dist_info = setup_distributed(config.device)
@@ -61,15 +89,108 @@ def run(config: TrainConfig) -> dict:
         teardown_distributed()
 
 
-@hydra.main(config_path="config", config_name="cfg_pretrain", version_base=None)
-def main(raw: DictConfig) -> None:
+# ------------------------------------------------------------------------------- configuration
+def check_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Refuse ``GROUP=NAME`` when ``config/GROUP/NAME.yaml`` does not exist.
+
+    Hydra itself would silently ignore an unknown name of an *optional* group (``experiment=arc3``
+    would train the demo), and reports the others over many lines.
+    """
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        group = config_dir / key
+        if not sep or not key or not group.is_dir() or value in ("", "null"):
+            continue
+        accepted = sorted(path.stem for path in group.glob("*.yaml"))
+        if value not in accepted:
+            raise ConfigError(f"{key}={value}: no such preset; accepted: {accepted} (files in {group})")
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """The validated config of ``config/cfg_pretrain.yaml`` with command-line ``overrides``.
+
+    Every problem, Hydra's included, is raised as a one-line :class:`ConfigError`.
+    """
+    check_group_choices(overrides)
     try:
-        config = parse_config(raw)
-        run(config)
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            raw = compose(config_name=CONFIG_NAME, overrides=overrides)
+        return parse_config(raw)
+    except (HydraException, OmegaConfBaseException) as error:
+        where = f" {error.override!r}" if isinstance(getattr(error, "override", None), str) else ""
+        raise ConfigError(f"bad override{where}: {one_line(error)}") from None
+
+
+def one_line(error: BaseException) -> str:
+    """An error message on a single line."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def report(line: str) -> None:
+    """One line on stderr in a single write (lines of several ranks never interleave)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def resume_hint(argv: list[str], run_dir: str) -> str:
+    """The command that continues an interrupted run: the same arguments plus ``load_checkpoint=RUN_DIR``."""
+    kept = [arg for arg in argv if arg.lstrip("+~").partition("=")[0] not in ("load_checkpoint", "resume")]
+    launcher = "torchrun [the same options] pretrain.py" if "TORCHELASTIC_RUN_ID" in os.environ else "python pretrain.py"
+    return f"{launcher} {shlex.join([*kept, f'load_checkpoint={run_dir}'])}"
+
+
+# --------------------------------------------------------------------------------------- entry
+def execute(config_factory: Callable[[], TrainConfig], argv: list[str]) -> int:
+    """Build the config, run, and turn the expected failures into one line and an exit status."""
+    from training.trainer import NonFiniteError
+
+    try:
+        config = config_factory()
+        summary = run(config)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        report(f"error: {one_line(error)}")
+        return EXIT_BAD_INPUT
+    except NonFiniteError as error:
+        report(f"error: training diverged: {one_line(error)}")
+        return EXIT_NONFINITE
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once (checkpoints are atomic, the earlier ones stay valid)
+        report("stopped by a second SIGINT without a new checkpoint")
+        return EXIT_SIGINT
+    if summary["status"].startswith("interrupted") and int(os.environ.get("RANK", "0")) == 0:
+        print(f"Resume with: {resume_hint(argv, summary['run_dir'])}", flush=True)
+    return 0
+
+
+@hydra.main(config_path="config", config_name=CONFIG_NAME, version_base=None)
+def hydra_main(raw: DictConfig) -> None:
+    """Hydra's own command line (for ``--multirun``, ``--cfg``, ``--help`` and other flags)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+
+    def config_factory() -> TrainConfig:
+        check_group_choices(overrides)
+        return parse_config(raw)
+
+    status = execute(config_factory, overrides)
+    if status:
+        sys.exit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``pretrain.py`` with command-line arguments ``argv`` (``sys.argv[1:]`` by default); return the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(arg.startswith("-") for arg in args):
+        saved = sys.argv
+        sys.argv = [sys.argv[0], *args]
+        try:
+            hydra_main()
+        finally:
+            sys.argv = saved
+        return 0
+    return execute(lambda: compose_config(args), args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,19 +2,20 @@
 
 A checkpoint is ``RUN_DIR/checkpoints/step_XXXXXXXX.pt``: a dict of tensors, numbers, strings, lists
 and dicts only, so ``torch.load(..., weights_only=True)`` can read it without running pickled code.
-Writes go to a temporary file that is fsynced and renamed, so a crash at any moment leaves the
-previous checkpoints intact; ``keep_last`` bounds how many are kept.
+Writes go to a temporary file that is fsynced and renamed (:mod:`training.atomic`), so a crash at any
+moment leaves the previous checkpoints intact; a temporary file left by a killed write is ignored
+(it never matches ``step_*.pt``) and removed by the next save. ``keep_last`` bounds how many are kept.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from training.atomic import atomic_open, remove_stale_temp_files
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -29,29 +30,38 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, oldest first."""
+    """Checkpoints of a run, oldest first (temporary files of unfinished writes are not listed)."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run directory, or ``None``."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint file belongs to (``RUN/checkpoints/step_N.pt``), else ``None``."""
+    if checkpoint.parent.name == "checkpoints" and _NAME.match(checkpoint.name):
+        return checkpoint.parent.parent
+    return None
+
+
 def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: int) -> Path:
-    """Write ``state`` atomically as the checkpoint of ``step``; delete all but the ``keep_last`` newest."""
+    """Write ``state`` atomically as the checkpoint of ``step``; delete all but the ``keep_last`` newest.
+
+    Older checkpoints are deleted only once the new one is complete on disk.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     path = checkpoint_path(run_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": CHECKPOINT_FORMAT, "step": step, **state}
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as file:
+        torch.save(state, file)
+    remove_stale_temp_files(path.parent)  # left by a write that was killed earlier
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
@@ -79,14 +89,3 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise CheckpointError(f"{path}: not a trm-jd checkpoint (format {CHECKPOINT_FORMAT} with model state expected)")
     return state
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -6,11 +6,12 @@ Names follow the reference TRM code where its users know them (``data_paths``, `
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jd.config import JDConfig
 from models.recursive_reasoning.config import ArchConfig
@@ -29,8 +30,8 @@ class EvaluatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["exact", "arc"]
-    pass_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10])
-    submission_k: int = 2
+    pass_ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 5, 10], min_length=1)
+    submission_k: int = Field(default=2, ge=1)
 
 
 class WandbConfig(BaseModel):
@@ -79,7 +80,7 @@ class TrainConfig(BaseModel):
     ema_rate: float = Field(default=0.999, gt=0, lt=1)
 
     # Run
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     project_name: str | None = None
     run_name: str | None = None
     runs_root: str = "runs"
@@ -96,10 +97,20 @@ class TrainConfig(BaseModel):
     progress_bar: bool = True
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
+    @field_validator("run_name", "project_name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value in (".", "..") or "/" in value or "\\" in value):
+            raise ValueError("must be a plain folder name (no '/', not '.' or '..'); use run_dir=PATH for a full path")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.jd.split == "none" and self.jd.n_groups is not None:
             raise ValueError("jd.n_groups groups JD objectives; it has no meaning with jd.split=none")
+        bad = [key for key, value in _flatten(self.model_dump()) if isinstance(value, float) and not math.isfinite(value)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be a finite number (got inf or nan)")
         return self
 
     @property
@@ -123,6 +134,36 @@ class TrainConfig(BaseModel):
             )
 
 
+TRAJECTORY_NEUTRAL_KEYS = (
+    "project_name", "run_name", "runs_root", "run_dir", "load_checkpoint", "resume", "checkpoint_every_eval",
+    "checkpoint_interval", "keep_last", "max_nonfinite_steps", "device", "compile", "log_interval", "progress_bar",
+    "wandb", "evaluators", "data_paths_test", "eval_max_batches", "min_eval_interval", "jd.diagnostics",
+)
+"""Keys that do not change the training trajectory (where the run writes, what it logs or evaluates)."""
+
+
+def trajectory_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that changes the training trajectory between two configs
+    (``model_dump(mode="json")`` dicts), e.g. a checkpoint's config and the config resuming it."""
+    old_flat, new_flat = dict(_flatten(old)), dict(_flatten(new))
+    changes = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if any(key == neutral or key.startswith(neutral + ".") for neutral in TRAJECTORY_NEUTRAL_KEYS):
+            continue
+        if old_flat.get(key) != new_flat.get(key):
+            changes.append(f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}")
+    return changes
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted.key, value)`` for every leaf of nested dicts and lists."""
+    if isinstance(data, dict):
+        return [item for key, value in data.items() for item in _flatten(value, f"{prefix}{key}.")]
+    if isinstance(data, list):
+        return [item for index, value in enumerate(data) for item in _flatten(value, f"{prefix}{index}.")]
+    return [(prefix.rstrip("."), data)]
+
+
 def parse_config(raw: DictConfig | dict[str, Any]) -> TrainConfig:
     """Resolve interpolations and validate; raise :class:`ConfigError` with one line per problem."""
     data = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw
@@ -136,11 +177,11 @@ def parse_config(raw: DictConfig | dict[str, Any]) -> TrainConfig:
 def _format_validation_error(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "config"
-        message = problem["msg"]
+        key = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see config/cfg_pretrain.yaml for the accepted keys)"
         value = problem.get("input")
         shown = "" if problem["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{key}: {message}{shown}")
+        lines.append(f"{key}: {message}{shown}" if key else message)
     return "invalid config: " + "; ".join(lines)

@@ -9,7 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from training.config import WandbConfig
+from training.atomic import atomic_write_text
+from training.config import ConfigError, WandbConfig
 
 
 class RunLogger:
@@ -19,10 +20,21 @@ class RunLogger:
     login: online mode without credentials is an error raised before training starts.
     """
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], wandb_config: WandbConfig, run_name: str, project_name: str, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        wandb_config: WandbConfig,
+        run_name: str,
+        project_name: str,
+        resume_step: int | None = None,
+        redo_eval: bool = False,
+    ) -> None:
+        """``resume_step``: the run continues after this step; later records are dropped (and, with
+        ``redo_eval``, the evaluation records of that step, since the evaluation runs again)."""
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None:
-            _truncate_after(self.path, resume_step)
+            _truncate_after(self.path, resume_step, drop_eval_at_step=redo_eval)
         self._file = open(self.path, "a", buffering=1)
         self._wandb = _start_wandb(run_dir, config, wandb_config, run_name, project_name, resumed=resume_step is not None)
 
@@ -46,7 +58,7 @@ def check_wandb_config(wandb_config: WandbConfig) -> None:
     import wandb
 
     if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
-        raise RuntimeError("wandb.mode=online needs a W&B login (wandb login or WANDB_API_KEY); use wandb.mode=offline to log locally")
+        raise ConfigError("wandb.mode=online needs a W&B login (wandb login or WANDB_API_KEY); use wandb.mode=offline to log locally")
 
 
 def _start_wandb(run_dir: Path, config: dict[str, Any], wandb_config: WandbConfig, run_name: str, project_name: str, resumed: bool) -> Any:
@@ -60,7 +72,7 @@ def _start_wandb(run_dir: Path, config: dict[str, Any], wandb_config: WandbConfi
     tags += [f"split:{jd.get('split', 'none')}", f"aggregator:{jd.get('aggregator', '-') if jd.get('split') != 'none' else 'gd'}"]
     run_id_file = run_dir / "wandb_run_id.txt"
     run_id = run_id_file.read_text().strip() if resumed and run_id_file.exists() else uuid.uuid4().hex[:8]
-    run_id_file.write_text(run_id)
+    atomic_write_text(run_id_file, run_id)
     return wandb.init(
         project=wandb_config.project or project_name,
         entity=wandb_config.entity,
@@ -76,14 +88,29 @@ def _start_wandb(run_dir: Path, config: dict[str, Any], wandb_config: WandbConfi
     )
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Keep only the records up to ``step`` so a resumed run's log matches an uninterrupted one."""
+def _truncate_after(path: Path, step: int, drop_eval_at_step: bool = False) -> None:
+    """Keep only the records up to ``step`` so a resumed run's log matches an uninterrupted one.
+
+    With ``drop_eval_at_step``, the evaluation records of ``step`` (those without ``train/`` keys)
+    go too. A torn last line (the process was killed while writing it) is dropped. The file is
+    replaced atomically, so a crash here leaves the old log.
+    """
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    temp = path.with_suffix(".jsonl.tmp")
-    temp.write_text("".join(line + "\n" for line in kept))
-    os.replace(temp, path)
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        record_step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(record_step, (int, float)) or record_step > step:
+            continue
+        is_eval = not any(key.startswith("train/") for key in record)
+        if drop_eval_at_step and is_eval and record_step == step:
+            continue
+        kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _plain(value: Any) -> Any:

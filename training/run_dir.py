@@ -1,75 +1,168 @@
-"""Choosing and creating a run directory without ever reusing one by accident."""
+"""Choosing the run directory and the checkpoint to start from, without ever reusing a run by accident.
+
+:func:`plan_run` decides, from the config and ``torchrun``'s restart information, *where* a run writes
+and *what* it restores; it has no side effects, so a bad choice fails before anything is created.
+:func:`prepare_run_dir` then creates the directory. The rules:
+
+* A new run (no ``load_checkpoint``, no ``resume``) writes to ``run_dir``, or
+  ``runs_root/PROJECT/run_name``, which must not exist yet (or be empty); without either, a name is
+  generated (``ARCH-METHOD-sSEED-TIMESTAMP``, with a numeric suffix if taken).
+* ``load_checkpoint=RUN_DIR`` or the newest ``RUN_DIR/checkpoints/step_N.pt``: the run continues in
+  ``RUN_DIR``. An *older* checkpoint of a run cannot be continued in place (that would discard the
+  later checkpoints and metrics): start a new run from it with ``run_name=NEW`` (or ``run_dir=``).
+  A checkpoint with another ``run_name``/``run_dir``, or a file outside a run directory, starts a new
+  run that restores the full training state.
+* ``resume=true``, or a restart by ``torchrun --max-restarts`` (``TORCHELASTIC_RESTART_COUNT > 0``):
+  the run's own directory (``run_dir``, ``run_name``, or the checkpoint's run) continues from its newest
+  checkpoint, which wins over ``load_checkpoint``; with no checkpoint there yet, the run starts over
+  in that directory (from ``load_checkpoint`` when given).
+* Under ``torchrun --max-restarts N`` (N > 0) the directory must be found again by the restarted
+  workers: give ``run_name``/``run_dir``, or the generated name ends with torchrun's run id
+  (``...-job-RUNID``, the same for every attempt of one job) instead of a timestamp.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from training.config import TrainConfig
-from training.distributed import DistInfo
+from training.atomic import atomic_write_text, remove_stale_temp_files
+from training.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint, run_dir_of
+from training.config import ConfigError, TrainConfig
+from training.distributed import DistInfo, ElasticInfo, decide_on_main
 
 
 class RunDirError(ValueError):
     """The run directory exists and this run is not resuming it."""
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """Where a run writes and what it restores (see the module docstring)."""
+
+    run_dir: Path | None  # None: a new run with a generated name, chosen when it is created
+    checkpoint: Path | None  # the checkpoint to restore; None: fresh weights
+    continues_run: bool  # run_dir already belongs to this run: reuse it (resume, restart)
+    note: str | None = None  # something the user should know (printed by rank 0)
+
+
 def default_project_name(config: TrainConfig) -> str:
     return config.project_name or Path(config.data_paths[0]).name
 
 
+def _method_name(config: TrainConfig) -> str:
+    method = "gd" if config.jd.split == "none" else f"{config.jd.split}-{config.jd.aggregator}"
+    return f"{config.arch.name}-{method}-s{config.seed}"
+
+
 def default_run_name(config: TrainConfig) -> str:
+    """``run_name``, or a generated ``ARCH-METHOD-sSEED-TIMESTAMP``."""
     if config.run_name:
         return config.run_name
-    method = "gd" if config.jd.split == "none" else f"{config.jd.split}-{config.jd.aggregator}"
-    return f"{config.arch.name}-{method}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{_method_name(config)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def planned_run_dir(config: TrainConfig, _data: object = None) -> Path | None:
-    """The run directory named by the config alone (None when the name would be generated)."""
+def planned_run_dir(config: TrainConfig, elastic: ElasticInfo | None = None) -> Path | None:
+    """The run directory named by the config (and torchrun's run id), or ``None`` when it is generated.
+
+    Raises :class:`ConfigError` under ``torchrun --max-restarts`` when no name could be found again.
+    """
     if config.run_dir:
         return Path(config.run_dir)
     if config.run_name:
         return Path(config.runs_root) / default_project_name(config) / config.run_name
+    if elastic is not None and elastic.may_restart and not config.load_checkpoint:
+        if elastic.stable_id is None:
+            raise ConfigError(
+                f"torchrun --max-restarts {elastic.max_restarts} needs a run directory that restarted workers can find "
+                "again: set run_name=NAME (or run_dir=PATH), or give torchrun --rdzv-id=JOB_ID"
+            )
+        return Path(config.runs_root) / default_project_name(config) / f"{_method_name(config)}-job-{elastic.stable_id}"
     return None
 
 
-def prepare_run_dir(config: TrainConfig, dist_info: DistInfo, resuming_from: Path | None) -> tuple[Path, str, str]:
-    """Create (rank 0) and share the run directory; return ``(run_dir, run_name, project_name)``.
+def _same_path(a: Path | None, b: Path | None) -> bool:
+    return a is not None and b is not None and a.resolve() == b.resolve()
 
-    A resumed run continues in the directory its checkpoint belongs to. A new run refuses an existing,
-    non-empty directory; a generated name gets a numeric suffix instead.
-    """
-    project = default_project_name(config)
-    chosen: list[object] = [None]
-    if dist_info.is_main:
-        if resuming_from is not None:
-            run_dir = resuming_from.parent.parent
-        else:
-            run_dir = planned_run_dir(config)
-            if run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
-                raise RunDirError(
-                    f"run directory {run_dir} already exists; pick another run_name, or resume it with "
-                    f"load_checkpoint={run_dir} (or resume=true)"
+
+def _refuse_existing(run_dir: Path | None) -> None:
+    if run_dir is not None and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunDirError(
+            f"run directory {run_dir} already exists; pick another run_name, or continue it with "
+            f"load_checkpoint={run_dir} (or resume=true)"
+        )
+
+
+def plan_run(config: TrainConfig, elastic: ElasticInfo) -> RunPlan:
+    """Decide the run directory and the checkpoint to restore (no side effects; see the module docstring)."""
+    if config.run_dir and config.run_name:
+        raise ConfigError(f"give run_dir={config.run_dir} or run_name={config.run_name}, not both")
+    own_dir = planned_run_dir(config, elastic)
+    source = resolve_checkpoint(config.load_checkpoint) if config.load_checkpoint else None
+    source_run = run_dir_of(source) if source is not None else None
+    target = own_dir if own_dir is not None else source_run
+
+    if config.resume or elastic.is_restart:
+        reason = "resume=true" if config.resume else f"torchrun restart {elastic.restart_count}"
+        if target is None:
+            raise ConfigError(f"{reason}: which run? set run_name=NAME or run_dir=PATH (or load_checkpoint=RUN_DIR)")
+        latest = latest_checkpoint(target)
+        if latest is not None:
+            return RunPlan(target, latest, continues_run=True)
+        if source is not None:
+            return RunPlan(target, source, continues_run=True, note=f"{reason}: {target} has no checkpoint yet; starting from {source}")
+        return RunPlan(target, None, continues_run=True, note=f"{reason}: {target} has no checkpoint yet; starting the run from scratch")
+
+    if source is not None:
+        if _same_path(target, source_run):
+            latest = latest_checkpoint(source_run)  # type: ignore[arg-type]
+            if latest is not None and not _same_path(latest, source):
+                raise CheckpointError(
+                    f"load_checkpoint={source} is not the newest checkpoint of its run ({latest.name} is); continuing "
+                    f"the run from it would discard the later checkpoints and metrics. Continue from the newest with "
+                    f"load_checkpoint={source_run}, or start a new run from this one with run_name=NEW_NAME"
                 )
-            if run_dir is None:
-                base = Path(config.runs_root) / project / default_run_name(config)
-                run_dir, suffix = base, 1
-                while run_dir.exists():
-                    suffix += 1
-                    run_dir = base.with_name(f"{base.name}-{suffix}")
-        run_dir.mkdir(parents=True, exist_ok=True)
+            return RunPlan(target, source, continues_run=True)
+        _refuse_existing(target)
+        return RunPlan(target, source, continues_run=False)
+
+    _refuse_existing(own_dir)
+    return RunPlan(own_dir, None, continues_run=False)
+
+
+def prepare_run_dir(config: TrainConfig, dist_info: DistInfo, plan: RunPlan) -> tuple[Path, str, str]:
+    """Create the run directory on rank 0 and share it; return ``(run_dir, run_name, project_name)``.
+
+    Writes ``config.yaml`` (atomically; a resumed run whose config differs keeps the original and
+    writes ``config.resume-TIMESTAMP.yaml`` beside it) and removes temporary files of killed writes.
+    """
+
+    def create() -> str:
+        run_dir = plan.run_dir
+        if run_dir is None:
+            base = Path(config.runs_root) / default_project_name(config) / default_run_name(config)
+            run_dir, suffix = base, 1
+            while run_dir.exists():
+                suffix += 1
+                run_dir = base.with_name(f"{base.name}-{suffix}")
+        elif not plan.continues_run:
+            _refuse_existing(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunDirError(f"cannot create the run directory {run_dir} ({error.strerror}); check runs_root / run_dir") from None
+        for folder in (run_dir, run_dir / "checkpoints"):
+            remove_stale_temp_files(folder)
         config_file = run_dir / "config.yaml"
         resolved = OmegaConf.to_yaml(OmegaConf.create(config.model_dump(mode="json")))
         if not config_file.exists():
-            config_file.write_text(resolved)
+            atomic_write_text(config_file, resolved)
         elif config_file.read_text() != resolved:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            (run_dir / f"config.resume-{stamp}.yaml").write_text(resolved)
-        chosen[0] = str(run_dir)
-    if dist_info.world_size > 1:
-        dist.broadcast_object_list(chosen, src=0)
-    run_dir = Path(str(chosen[0]))
-    return run_dir, run_dir.name, run_dir.parent.name if resuming_from is not None else project
+            atomic_write_text(run_dir / f"config.resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml", resolved)
+        return str(run_dir)
+
+    run_dir = Path(decide_on_main(dist_info, create))
+    return run_dir, run_dir.name, default_project_name(config)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -23,6 +25,7 @@ class Progress:
     evaluations: int = 0
     skipped_nonfinite: int = 0
     consecutive_nonfinite: int = 0
+    eval_pending: int = 0  # 1: the evaluation due at this step has not finished (it is redone on resume)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -31,6 +34,13 @@ class Progress:
     def from_dict(cls, data: dict[str, Any]) -> Progress:
         known = {f.name for f in fields(cls)}
         return cls(**{key: int(value) for key, value in data.items() if key in known})
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global RNG stream of the process (torch, CUDA, Python's ``random``, NumPy's legacy one)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -44,6 +54,22 @@ def capture_rng() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (an evaluation) without moving any RNG stream training draws from."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
+
+
+def carry_is_finite(carry: ACTCarry) -> bool:
+    """Whether the carried latents (and logits) hold only finite numbers."""
+    tensors = [carry.latent.z_H, carry.latent.z_L] + ([carry.prev_logits] if carry.prev_logits is not None else [])
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -67,13 +93,18 @@ def carry_to_dict(carry: ACTCarry) -> dict[str, Any]:
     }
 
 
-def carry_from_dict(data: dict[str, Any], device: torch.device) -> ACTCarry:
+def carry_from_dict(data: dict[str, Any], device: torch.device, latent_dtype: torch.dtype | None = None) -> ACTCarry:
+    """The carry :func:`carry_to_dict` saved, on ``device`` (latents cast to ``latent_dtype`` when given)."""
+
     def to(value: Tensor) -> Tensor:
         return value.to(device)
 
+    def latent(value: Tensor) -> Tensor:
+        return value.to(device=device, dtype=latent_dtype or value.dtype)
+
     prev = data.get("prev_logits")
     return ACTCarry(
-        latent=LatentState(to(data["z_H"]), to(data["z_L"])),
+        latent=LatentState(latent(data["z_H"]), latent(data["z_L"])),
         steps=to(data["steps"]),
         halted=to(data["halted"]),
         data={key: to(value) for key, value in data["data"].items()},

@@ -7,14 +7,26 @@ One optimizer step, on every rank::
         run the supervision steps (one ACT step each)            -> LossTerms per step
         jd_step.backward(terms)                                   -> .grad of weights and puzzle rows
     jd_step.finish()                                              -> gradients reduced over ranks once
-    skip the step if any gradient is non-finite; else AdamATan2 + sign-SGD (+ EMA)
+    skip the step if anything is non-finite; else AdamATan2 + sign-SGD (+ EMA)
+
+Reliability rules (see ``training/README_SECTION.md``):
+
+* Exact resume: a checkpoint holds the model, both optimizers, the EMA, the progress (step and data
+  position), every rank's RNG streams and ACT carries, and the JD step's state; evaluation runs with
+  the RNG streams saved and restored, so it never moves the training trajectory.
+* Non-finite steps: if the loss, the JD objectives or Gramian (``JDStep.skipped_nonfinite`` moved),
+  the weight gradients or the puzzle-row gradients hold a NaN or an Inf, the step is skipped: no
+  optimizer, sparse-embedding or EMA update; carries that went non-finite restart. After
+  ``max_nonfinite_steps`` skipped steps in a row the run stops with :class:`NonFiniteError` and writes
+  nothing, so the newest checkpoint is the last good state (periodic checkpoints are only written
+  after a finite step). Parameters that become non-finite after an update stop the run at once.
+* Interruption: SIGTERM/SIGINT stop at the next step boundary with a checkpoint (:mod:`training.interrupt`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -26,51 +38,73 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from dataset.common import DatasetError
 from dataset.puzzle_dataset import PuzzleDataset
 from evaluators.base import Evaluator
 from jd.splits import validate_split
 from jd.step import build_jd_step
 from models.ema import EMA
+from models.loss_terms import LossTerms
 from models.losses import ACTLossHead
 from models.optimizers import cosine_schedule_with_warmup, make_adam_atan2
 from models.recursive_reasoning.act import ACTCarry
 from models.registry import build_model
 from models.sparse_embedding import SignSGDSparseEmbedding
-from training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
-from training.config import ConfigError, TrainConfig
-from training.distributed import DistInfo, broadcast_module_
+from training.atomic import atomic_write_text
+from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import ConfigError, TrainConfig, trajectory_changes
+from training.distributed import DistInfo, ElasticInfo, broadcast_module_, decide_on_main, elastic_info
 from training.evaluation import build_evaluators, evaluate
+from training.interrupt import StopSignals
 from training.logger import RunLogger, check_wandb_config
-from training.run_dir import prepare_run_dir
-from training.state import Progress, capture_rng, carry_from_dict, carry_to_dict, restore_rng
+from training.run_dir import RunPlan, plan_run, prepare_run_dir
+from training.state import (
+    Progress,
+    capture_rng,
+    carry_from_dict,
+    carry_is_finite,
+    carry_to_dict,
+    preserved_rng,
+    restore_rng,
+    seed_everything,
+)
 
 SUM_METRICS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss", "q_continue_loss")
 
 
 class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had non-finite losses or gradients."""
+    """Too many optimizer steps in a row were non-finite, or an update made the parameters non-finite."""
 
 
 class Trainer:
-    """Owns the model, optimizers, data stream and run directory of one training run."""
+    """Owns the model, optimizers, data stream and run directory of one training run.
 
-    def __init__(self, config: TrainConfig, dist_info: DistInfo) -> None:
+    Args:
+        config: the validated configuration.
+        dist_info: this process's rank, world size and device (:func:`training.distributed.setup_distributed`).
+        elastic: ``torchrun``'s restart information; read from the environment when ``None``.
+
+    Everything a user can get wrong (config combinations, datasets, checkpoints, run directory) is
+    checked here, before the first step, and raised as ``ConfigError``, ``DatasetError``,
+    ``CheckpointError`` or ``RunDirError``.
+    """
+
+    def __init__(self, config: TrainConfig, dist_info: DistInfo, elastic: ElasticInfo | None = None) -> None:
         self.config = config
         self.dist = dist_info
+        self.elastic = elastic if elastic is not None else elastic_info()
         config.check_world(dist_info.world_size)
-        check_wandb_config(config.wandb) if dist_info.is_main else None
-        torch.manual_seed(config.seed + dist_info.rank)
+        check_wandb_config(config.wandb)
+        # Where the run writes and what it restores: decided first (no side effects), by rank 0 for all.
+        self.plan: RunPlan = decide_on_main(dist_info, lambda: plan_run(config, self.elastic))
+        seed_everything(config.seed + dist_info.rank)
 
         # Data (validated against its metadata before anything heavy is built).
         local_batch = config.global_batch_size // dist_info.world_size
         self.micro_batch = local_batch // config.grad_accum_steps
-        data_kwargs = dict(rank=dist_info.rank, world_size=dist_info.world_size, seed=config.seed)
         epochs_per_iter = config.eval_interval or config.epochs
-        self.train_data = PuzzleDataset(config.data_paths, "train", config.global_batch_size, epochs_per_iter=epochs_per_iter, **data_kwargs)
-        self.eval_data = PuzzleDataset(config.eval_paths, "test", config.global_batch_size // config.grad_accum_steps, **data_kwargs)
+        self.train_data, self.eval_data = self._load_data(epochs_per_iter)
         meta = self.train_data.metadata
-        if self.eval_data.metadata.seq_len != meta.seq_len or self.eval_data.metadata.vocab_size != meta.vocab_size:
-            raise ConfigError(f"data_paths_test {config.eval_paths} do not match data_paths {config.data_paths} in seq_len / vocab_size")
         self.total_iterations = math.ceil(config.epochs / epochs_per_iter)
 
         # JD: the split decides how many supervision steps one optimizer step runs.
@@ -83,7 +117,10 @@ class Trainer:
                 batch_size=self.micro_batch,
                 seq_len=meta.seq_len,
             )
-            self.jd_step = build_jd_step(config.jd, world_size=dist_info.world_size)
+            jd_config = config.jd
+            if config.compile_enabled(dist_info.device.type) and jd_config.split != "none" and jd_config.parallel_chunk_size is None:
+                jd_config = jd_config.model_copy(update={"parallel_chunk_size": 1})  # torch.vmap cannot run a compiled backward
+            self.jd_step = build_jd_step(jd_config, world_size=dist_info.world_size)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         self.supervision_steps = self.jd_step.split.supervision_steps(config.arch.halt_max_steps)
@@ -91,11 +128,15 @@ class Trainer:
         estimated = max(1, self.train_data.estimated_total_batches(config.epochs) // self.supervision_steps)
         self.total_steps = min(estimated, config.max_steps) if config.max_steps else estimated
 
-        # Model, loss head, optimizers.
-        self.model = build_model(
-            config.arch, seq_len=meta.seq_len, vocab_size=meta.vocab_size, num_puzzle_identifiers=meta.num_puzzle_identifiers, device=dist_info.device
-        )
+        # Model, loss head, optimizers (classes from the project's registries, never import strings).
+        try:
+            self.model = build_model(
+                config.arch, seq_len=meta.seq_len, vocab_size=meta.vocab_size, num_puzzle_identifiers=meta.num_puzzle_identifiers, device=dist_info.device
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         broadcast_module_(self.model, dist_info.world_size)
+        self.jd_step.attach(self.model)  # only jd.engine=autogram hooks the modules
         self.loss_head = ACTLossHead(self.model, config.arch.loss_type, differential_loss=config.jd.differential_loss)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_adam_atan2(self.params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
@@ -110,70 +151,174 @@ class Trainer:
             if config.jd.split != "none":
                 torch._functorch.config.donated_buffer = False  # JD back-propagates the same graph more than once
             self.model.core.compile()
-        self.evaluators: list[Evaluator] = build_evaluators(config.evaluators, config.eval_paths)
+        try:
+            self.evaluators: list[Evaluator] = build_evaluators(config.evaluators, config.eval_paths)
+        except DatasetError:
+            raise
+        except ValueError as error:
+            raise ConfigError(f"evaluators: {error}") from None
 
         self.progress = Progress()
         self.carries: list[ACTCarry | None] = [None] * config.grad_accum_steps
+        self._batches: Iterator[dict[str, Tensor]] | None = None
+        self._saved_progress: dict[str, int] | None = None  # the progress of the last checkpoint written
+        self._evaluated_step: int | None = None  # the step of the last evaluation in this process
         self._stop_signal: str | None = None
 
-        # Run directory, resume, logging.
-        checkpoint_file = self._checkpoint_to_resume()
-        resume_step = None if checkpoint_file is None else self._restore(checkpoint_file)
-        self.run_dir, self.run_name, self.project_name = prepare_run_dir(config, dist_info, resuming_from=checkpoint_file)
+        # Restore (every check before the run directory is touched), then create the run directory.
+        resume_step = None
+        if self.plan.checkpoint is not None:
+            resume_step = self._restore(self.plan.checkpoint)
+        elif self.plan.continues_run:
+            resume_step = 0
+        self.run_dir, self.run_name, self.project_name = prepare_run_dir(config, dist_info, self.plan)
+        if self.plan.note and dist_info.is_main:
+            print(f"note: {self.plan.note}", flush=True)
+        if self.plan.checkpoint is not None and dist_info.is_main:
+            print(f"Resuming from {self.plan.checkpoint} (step {self.progress.step}) in {self.run_dir}", flush=True)
         self.logger = (
-            RunLogger(self.run_dir, config.model_dump(mode="json"), config.wandb, self.run_name, self.project_name, resume_step=resume_step)
+            RunLogger(
+                self.run_dir,
+                config.model_dump(mode="json"),
+                config.wandb,
+                self.run_name,
+                self.project_name,
+                resume_step=resume_step,
+                redo_eval=bool(self.progress.eval_pending),
+            )
             if dist_info.is_main
             else None
         )
 
+    def _load_data(self, epochs_per_iter: int) -> tuple[PuzzleDataset, PuzzleDataset]:
+        config = self.config
+        kwargs: dict[str, Any] = dict(rank=self.dist.rank, world_size=self.dist.world_size, seed=config.seed)
+
+        def load(paths: list[str], split: str, batch_size: int, **extra: Any) -> PuzzleDataset:
+            try:
+                return PuzzleDataset(paths, split, batch_size, **extra, **kwargs)
+            except DatasetError:
+                raise
+            except (ValueError, TypeError, KeyError, IndexError, OSError) as error:  # malformed files the loader did not name
+                raise DatasetError(f"{paths} ({split} split): malformed dataset files ({type(error).__name__}: {error})") from None
+
+        train = load(config.data_paths, "train", config.global_batch_size, epochs_per_iter=epochs_per_iter)
+        test = load(config.eval_paths, "test", config.global_batch_size // config.grad_accum_steps)
+        if test.metadata.seq_len != train.metadata.seq_len or test.metadata.vocab_size != train.metadata.vocab_size:
+            raise ConfigError(f"data_paths_test {config.eval_paths} do not match data_paths {config.data_paths} in seq_len / vocab_size")
+        return train, test
+
     # ------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        """Train until ``epochs`` or ``max_steps``; evaluate and checkpoint on the way. Returns the summary."""
-        config = self.config
-        previous_handlers = self._install_signal_handlers()
-        progress_bar = self._progress_bar()
-        batches = self._batch_stream()
-        last_eval: dict[str, float] = {}
-        status = "finished"
-        try:
-            while self.progress.step < self.total_steps:
-                iteration_before = self.progress.iteration
-                step_batches = [next(batches, None) for _ in range(self.supervision_steps)]
-                if any(batch is None for batch in step_batches):
-                    break
-                metrics = self._train_step(step_batches)  # type: ignore[arg-type]
-                self.progress.step += 1
-                if self.logger is not None and (self.progress.step % config.log_interval == 0 or self.progress.step == 1):
-                    self.logger.log(self.progress.step, metrics)
-                if progress_bar is not None:
-                    progress_bar.update(1)
-                    progress_bar.set_postfix(loss=f"{metrics.get('train/lm_loss', float('nan')):.3f}", acc=f"{metrics.get('train/accuracy', float('nan')):.3f}")
+        """Train until ``epochs`` or ``max_steps``; evaluate and checkpoint on the way. Returns the summary.
 
-                crossed = self.progress.iteration > iteration_before
-                epochs_done = self.progress.iteration * (config.eval_interval or config.epochs)
-                if crossed and config.eval_interval and epochs_done >= config.min_eval_interval and self.progress.step < self.total_steps:
+        Raises :class:`NonFiniteError` (after writing ``summary.json``) when training diverges.
+        """
+        config = self.config
+        progress_bar = self._progress_bar()
+        last_eval: dict[str, float] = {}
+        status = "failed"
+        try:
+            with StopSignals() as signals:
+                status = "finished"
+                if self.progress.eval_pending:  # resumed from a checkpoint written just before an evaluation
                     last_eval = self._evaluate_and_log()
-                    if config.checkpoint_every_eval:
+                while self.progress.step < self.total_steps:
+                    iteration_before = self.progress.iteration
+                    metrics = self.step()
+                    if metrics is None:
+                        break
+                    if self.logger is not None and (self.progress.step % config.log_interval == 0 or self.progress.step == 1):
+                        self.logger.log(self.progress.step, metrics)
+                    if progress_bar is not None:
+                        progress_bar.update(1)
+                        progress_bar.set_postfix(loss=f"{metrics.get('train/lm_loss', float('nan')):.3f}", acc=f"{metrics.get('train/accuracy', float('nan')):.3f}")
+                    if self.progress.consecutive_nonfinite >= config.max_nonfinite_steps:
+                        status = "stopped: non-finite"
+                        raise NonFiniteError(self._nonfinite_message())
+
+                    crossed = self.progress.iteration > iteration_before
+                    epochs_done = self.progress.iteration * (config.eval_interval or config.epochs)
+                    finite_step = self.progress.consecutive_nonfinite == 0  # checkpoints only after a good step
+                    if crossed and config.eval_interval and epochs_done >= config.min_eval_interval and self.progress.step < self.total_steps:
+                        # Checkpoint first: a run killed during a long evaluation loses no training.
+                        self.progress.eval_pending = 1
+                        if config.checkpoint_every_eval and finite_step:
+                            self.save()
+                        last_eval = self._evaluate_and_log()
+                    elif config.checkpoint_interval and self.progress.step % config.checkpoint_interval == 0 and finite_step:
                         self.save()
-                elif config.checkpoint_interval and self.progress.step % config.checkpoint_interval == 0:
-                    self.save()
-                if self._stop_requested():
-                    status = f"interrupted by {self._stop_signal}"
-                    self.save()
-                    break
+                    if self._stop_requested(signals):
+                        status = f"interrupted by {self._stop_signal}"
+                        path = self.save()
+                        if self.dist.is_main:
+                            print(f"\nStopped by {self._stop_signal} at step {self.progress.step}; checkpoint {path}", flush=True)
+                        break
+                if status == "finished":
+                    if self._evaluated_step != self.progress.step:
+                        self.progress.eval_pending = 1
+                        self.save()
+                        last_eval = self._evaluate_and_log()
+                    self.save()  # the same step, now with its evaluation done
+        except NonFiniteError:
+            status = "stopped: non-finite"
+            raise
+        except BaseException as error:
             if status == "finished":
-                last_eval = self._evaluate_and_log()
-                self.save()
+                status = f"failed: {type(error).__name__}"
+            raise
         finally:
             if progress_bar is not None:
                 progress_bar.close()
-            self._restore_signal_handlers(previous_handlers)
-        summary = {"status": status, "final_step": self.progress.step, "run_dir": str(self.run_dir), "eval": last_eval}
-        if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            if self.logger is not None:
-                self.logger.close()
+            summary = {"status": status, "final_step": self.progress.step, "run_dir": str(self.run_dir), "eval": last_eval}
+            latest = latest_checkpoint(self.run_dir) if self.dist.is_main else None
+            summary["checkpoint"] = None if latest is None else str(latest)
+            summary["skipped_nonfinite"] = self.progress.skipped_nonfinite
+            if self.dist.is_main:
+                try:
+                    atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+                finally:
+                    if self.logger is not None:
+                        self.logger.close()
         return summary
+
+    def step(self) -> dict[str, float] | None:
+        """Run one optimizer step (or skip it if anything is non-finite) and advance the progress.
+
+        Returns the step's ``train/...`` metrics, or ``None`` when the data stream is exhausted.
+        Raises :class:`NonFiniteError` when an update leaves the parameters non-finite.
+        """
+        if self._batches is None:
+            self._batches = self._batch_stream()
+        step_batches = [next(self._batches, None) for _ in range(self.supervision_steps)]
+        if any(batch is None for batch in step_batches):
+            return None
+        metrics = self._train_step(step_batches)  # type: ignore[arg-type]
+        self.progress.step += 1
+        return metrics
+
+    def _micro_step(
+        self, micro: int, rows: slice, batches: list[dict[str, Tensor]], step_terms: list[LossTerms], sums: Tensor, rows_before: int
+    ) -> dict[str, float]:
+        """Forward this micro-batch's supervision steps (adding their metrics to ``sums``), then its JD/GD backward."""
+        config = self.config
+        for batch in batches:
+            micro_batch = {key: value[rows].to(self.dist.device, non_blocking=True) for key, value in batch.items()}
+            if self.carries[micro] is None:
+                self.carries[micro] = self.loss_head.initial_carry(micro_batch)
+            carry, terms, metrics, _, _ = self.loss_head(
+                self.carries[micro],
+                micro_batch,
+                global_batch_size=config.global_batch_size,
+                keep_cycle_logits=self.jd_step.split.needs_cycle_logits,
+                carry_noise=config.jd.carry_perturbation_rate,
+            )
+            self.carries[micro] = carry
+            step_terms.append(terms)
+            sums += torch.stack([metrics[name].float() if name in metrics else sums.new_zeros(()) for name in SUM_METRICS])
+        embedding = self.model.puzzle_embedding
+        puzzle_rows = [r for _, r in embedding.pending_rows()[rows_before:]] if embedding is not None else []
+        return self.jd_step.backward(step_terms, self.params, puzzle_rows)
 
     def _train_step(self, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         config = self.config
@@ -183,32 +328,31 @@ class Trainer:
         )
         self.model.train()
         sums = torch.zeros(len(SUM_METRICS), device=self.dist.device)
+        local_bad = torch.zeros(1, device=self.dist.device)  # non-finite signs only this rank can see
+        jd_skipped_before = self.jd_step.skipped_nonfinite
         jd_metrics: dict[str, float] = {}
         for micro in range(config.grad_accum_steps):
             rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
             step_terms = []
-            for batch in batches:
-                micro_batch = {key: value[rows].to(self.dist.device, non_blocking=True) for key, value in batch.items()}
-                if self.carries[micro] is None:
-                    self.carries[micro] = self.loss_head.initial_carry(micro_batch)
-                carry, terms, metrics, _, _ = self.loss_head(
-                    self.carries[micro],
-                    micro_batch,
-                    global_batch_size=config.global_batch_size,
-                    keep_cycle_logits=self.jd_step.split.needs_cycle_logits,
-                    carry_noise=config.jd.carry_perturbation_rate,
-                )
-                self.carries[micro] = carry
-                step_terms.append(terms)
-                sums += torch.stack([metrics[name].float() if name in metrics else sums.new_zeros(()) for name in SUM_METRICS])
-            puzzle_rows = [rows_ for _, rows_ in self.model.puzzle_embedding.pending_rows()] if self.model.puzzle_embedding is not None else []
-            jd_metrics = self.jd_step.backward(step_terms, self.params, puzzle_rows)
+            embedding = self.model.puzzle_embedding
+            rows_before = len(embedding.pending_rows()) if embedding is not None else 0
+            with self.jd_step.forward_context(self.model, self.micro_batch):
+                jd_metrics = self._micro_step(micro, rows, batches, step_terms, sums, rows_before)
         self.jd_step.finish(self.params)
 
+
         grad_norm = _grad_norm(self.params)
+        if self.jd_step.skipped_nonfinite > jd_skipped_before:  # non-finite objectives, Gramian or update
+            local_bad += 1
+        if self.model.puzzle_embedding is not None:
+            for _, pending in self.model.puzzle_embedding.pending_rows():
+                if pending.grad is not None:
+                    local_bad += (~torch.isfinite(pending.grad)).any()
+        checks = torch.cat([sums, local_bad])
         if self.dist.world_size > 1:
-            dist.all_reduce(sums)
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(sums).all())
+            dist.all_reduce(checks)
+        sums = checks[:-1]
+        finite = bool(torch.isfinite(grad_norm.to(checks.device)) & torch.isfinite(checks).all() & (checks[-1] == 0))  # one sync
         if finite:
             if config.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip_norm)
@@ -219,6 +363,11 @@ class Trainer:
                 for group in self.sparse_optimizer.param_groups:
                     group["lr"] = config.puzzle_emb_lr * lr_scale
                 self.sparse_optimizer.step()
+            if not _all_finite(self.params):
+                raise NonFiniteError(
+                    f"the update of step {self.progress.step + 1} made the parameters non-finite (lr={config.lr} too high?); "
+                    f"stopped without saving: {self._latest_checkpoint_phrase()}"
+                )
             if self.ema is not None:
                 self.ema.update(self.model)
             self.progress.consecutive_nonfinite = 0
@@ -227,13 +376,9 @@ class Trainer:
             self.progress.consecutive_nonfinite += 1
             if self.model.puzzle_embedding is not None:
                 self.model.puzzle_embedding.clear_pending()
+            # A carry that went non-finite would poison its samples' next steps: restart it.
+            self.carries = [None if carry is None or not carry_is_finite(carry) else carry for carry in self.carries]
         self.optimizer.zero_grad(set_to_none=True)
-        if self.progress.consecutive_nonfinite >= config.max_nonfinite_steps:
-            self.save(tag_nonfinite=True)
-            raise NonFiniteError(
-                f"{self.progress.consecutive_nonfinite} optimizer steps in a row had non-finite losses or gradients "
-                f"(max_nonfinite_steps={config.max_nonfinite_steps}); the last good state is in {self.run_dir / 'checkpoints'}"
-            )
 
         values = dict(zip(SUM_METRICS, sums.tolist()))
         count = max(values.pop("count"), 1.0)
@@ -246,6 +391,20 @@ class Trainer:
         out["train/step_time_s"] = time.perf_counter() - started
         out.update(jd_metrics)
         return out
+
+    def _nonfinite_message(self) -> str:
+        first = self.progress.step - self.progress.consecutive_nonfinite + 1
+        return (
+            f"{self.progress.consecutive_nonfinite} optimizer steps in a row (steps {first}-{self.progress.step}) had non-finite "
+            f"losses, objectives or gradients (max_nonfinite_steps={self.config.max_nonfinite_steps}); they were skipped and "
+            f"the run stopped without saving: {self._latest_checkpoint_phrase()}"
+        )
+
+    def _latest_checkpoint_phrase(self) -> str:
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None:
+            return "no checkpoint had been written yet"
+        return f"the newest checkpoint, {latest}, holds the last good state (lower lr, or set grad_clip_norm, and resume from it)"
 
     # ------------------------------------------------------------------------------- data
     def _batch_stream(self) -> Iterator[dict[str, Tensor]]:
@@ -261,7 +420,7 @@ class Trainer:
     def _evaluate_and_log(self) -> dict[str, float]:
         context = self.ema.swapped_into(self.model) if self.ema is not None else nullcontext()
         save_dir = self.run_dir / "eval" / f"step_{self.progress.step:08d}"
-        with context:
+        with context, preserved_rng():  # evaluation never moves the training trajectory
             results = evaluate(
                 self.loss_head,
                 self.eval_data,
@@ -272,6 +431,8 @@ class Trainer:
                 save_dir=save_dir if self.dist.is_main else None,
             )
         self.progress.evaluations += 1
+        self.progress.eval_pending = 0
+        self._evaluated_step = self.progress.step
         if self.logger is not None and results:
             self.logger.log(self.progress.step, results)
             if self.config.progress_bar:
@@ -280,29 +441,20 @@ class Trainer:
         return results
 
     # ------------------------------------------------------------------------- checkpoints
-    def _checkpoint_to_resume(self) -> Path | None:
-        config = self.config
-        if config.load_checkpoint:
-            return resolve_checkpoint(config.load_checkpoint)
-        if config.resume:
-            from training.run_dir import planned_run_dir
+    def save(self) -> Path | None:
+        """Write the full training state (all ranks take part; rank 0 writes). Returns the path on rank 0.
 
-            run_dir = planned_run_dir(config, self.train_data)
-            if run_dir is not None:
-                try:
-                    return resolve_checkpoint(run_dir)
-                except CheckpointError:
-                    return None
-        return None
-
-    def save(self, tag_nonfinite: bool = False) -> Path | None:
-        """Write the full training state (all ranks take part; rank 0 writes)."""
+        A second call with the same progress writes nothing again.
+        """
+        if self._saved_progress == self.progress.to_dict():
+            return latest_checkpoint(self.run_dir) if self.dist.is_main else None
         carries = [None if carry is None else carry_to_dict(carry) for carry in self.carries]
         rank_state = {"rng": capture_rng(), "carries": carries}
         gathered: list[Any] = [rank_state]
         if self.dist.world_size > 1:
             gathered = [None] * self.dist.world_size
             dist.all_gather_object(gathered, rank_state)
+        self._saved_progress = self.progress.to_dict()
         if not self.dist.is_main:
             return None
         state = {
@@ -315,64 +467,103 @@ class Trainer:
             "jd": self.jd_step.state_dict(),
             "config": self.config.model_dump(mode="json"),
             "data": {"seq_len": self.train_data.metadata.seq_len, "vocab_size": self.train_data.metadata.vocab_size, "num_puzzle_identifiers": self.train_data.metadata.num_puzzle_identifiers},
-            "nonfinite_stop": tag_nonfinite,
         }
         return save_checkpoint(state, self.run_dir, self.progress.step, self.config.keep_last)
 
     def _restore(self, path: Path) -> int:
+        """Load the full training state of ``path``; every mismatch is a :class:`CheckpointError`."""
         state = load_checkpoint(path, map_location=self.dist.device)
+        missing = [key for key in ("optimizer", "progress") if not isinstance(state.get(key), dict)]
+        if missing:
+            raise CheckpointError(f"{path}: not a training checkpoint (it lacks {missing}); it cannot be resumed")
+        if isinstance(state.get("config"), dict) and self.dist.is_main:
+            changes = trajectory_changes(state["config"], self.config.model_dump(mode="json"))
+            if changes:
+                print(
+                    f"note: resuming {path.name} with settings that differ from its own ({'; '.join(changes[:8])}); training "
+                    "continues with the new ones, so it will not match an uninterrupted run of the old ones",
+                    flush=True,
+                )
         load_model_state(self.model, state["model"], path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.sparse_optimizer is not None and state.get("sparse_optimizer"):
                 self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
             raise CheckpointError(f"{path}: optimizer state does not fit this model ({error})") from error
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.progress = Progress.from_dict(state["progress"])
-        self.progress.consecutive_nonfinite = 0
-        ranks = state.get("ranks") or []
-        if len(ranks) == self.dist.world_size:
-            own = ranks[self.dist.rank]
-            restore_rng(own["rng"])
-            if len(own["carries"]) == len(self.carries):
-                self.carries = [None if c is None else carry_from_dict(c, self.dist.device) for c in own["carries"]]
+        if self.ema is not None:
+            if state.get("ema") is None:
+                self.ema = EMA(self.model, self.config.ema_rate)  # the run had no EMA: start it from the loaded weights
+            else:
+                try:
+                    self.ema.load_state_dict(state["ema"])
+                except (ValueError, RuntimeError) as error:
+                    raise CheckpointError(f"{path}: EMA weights do not fit this model ({error})") from error
+        try:
+            self.progress = Progress.from_dict(state["progress"])
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: unreadable progress {state['progress']!r} ({error})") from error
+        self._check_data_position(path)
+        self._restore_rank_state(state.get("ranks") or [], path)
         if state.get("jd"):
-            self.jd_step.load_state_dict(state["jd"])
+            try:
+                self.jd_step.load_state_dict(state["jd"])
+            except (KeyError, TypeError, RuntimeError, ValueError) as error:
+                raise CheckpointError(f"{path}: JD state does not fit ({error})") from error
+        self._saved_progress = self.progress.to_dict() if self.plan.continues_run else None
         return self.progress.step
 
-    # ------------------------------------------------------------------------------ signals
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        def request_stop(signum: int, _frame: Any) -> None:
-            self._stop_signal = signal.Signals(signum).name
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not the main thread
-                pass
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.dist.device)
-        if self.dist.world_size > 1:
-            dist.all_reduce(flag)
-        if flag.item() > 0 and self._stop_signal is None:
-            self._stop_signal = "another rank"
-        if flag.item() > 0 and self.dist.is_main:
-            print(
-                f"\nStopped by {self._stop_signal} at step {self.progress.step}; checkpoint written. "
-                f"Resume with: python pretrain.py load_checkpoint={self.run_dir}",
-                flush=True,
+    def _check_data_position(self, path: Path) -> None:
+        progress = self.progress
+        if progress.iteration >= self.total_iterations:
+            return
+        available = self.train_data.num_train_batches(progress.iteration)
+        if progress.batch_in_iteration > available:
+            raise CheckpointError(
+                f"{path}: its data position (iteration {progress.iteration}, batch {progress.batch_in_iteration}) does not exist "
+                f"with these data_paths / global_batch_size / eval_interval ({available} batches per iteration); resume with "
+                "the settings the checkpoint was trained with"
             )
-        return flag.item() > 0
+
+    def _restore_rank_state(self, ranks: list[Any], path: Path) -> None:
+        """RNG streams and ACT carries of this rank, when the checkpoint was written by as many ranks."""
+        if len(ranks) != self.dist.world_size:
+            if self.dist.is_main:
+                print(f"note: {path.name} was written by {len(ranks)} rank(s), this run has {self.dist.world_size}: RNG streams and ACT carries start fresh")
+            return
+        own = ranks[self.dist.rank]
+        restore_rng(own["rng"])
+        saved = own.get("carries") or []
+        if len(saved) == len(self.carries) and all(c is None or self._carry_fits(c) for c in saved):
+            dtype = self.model.forward_dtype
+            self.carries = [None if c is None else carry_from_dict(c, self.dist.device, latent_dtype=dtype) for c in saved]
+        elif self.dist.is_main:
+            print(f"note: the ACT carries of {path.name} do not fit this batch layout (global_batch_size / grad_accum_steps changed?): they start fresh")
+
+    def _carry_fits(self, saved: dict[str, Any]) -> bool:
+        meta = self.train_data.metadata
+        latent_shape = (self.micro_batch, meta.seq_len + self.model.puzzle_emb_len, self.config.arch.hidden_size)
+        data = saved.get("data") or {}
+        return (
+            tuple(saved["z_H"].shape) == latent_shape
+            and tuple(saved["z_L"].shape) == latent_shape
+            and "inputs" in data
+            and tuple(data["inputs"].shape) == (self.micro_batch, meta.seq_len)
+            and (saved.get("prev_logits") is not None) == self.config.jd.differential_loss
+        )
+
+    # ------------------------------------------------------------------------------ signals
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        """Whether any rank received SIGTERM/SIGINT (one small all-reduce per step when distributed)."""
+        received = signals.received
+        if self.dist.world_size > 1:
+            flag = torch.tensor([1.0 if received else 0.0], device=self.dist.device)
+            dist.all_reduce(flag)
+            if flag.item() > 0 and received is None:
+                received = "a signal on another rank"
+        if received:
+            self._stop_signal = received
+        return received is not None
 
     def _progress_bar(self) -> Any:
         if not (self.dist.is_main and self.config.progress_bar):
@@ -384,6 +575,8 @@ class Trainer:
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Tensor], source: Path | str) -> None:
     """Load weights with clear errors; a puzzle table of another size restarts from the mean of the old rows."""
+    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise CheckpointError(f"{source}: its model state is not a dict of tensors")
     state = {key.replace("_orig_mod.", ""): value for key, value in state.items()}
     own = model.state_dict()
     table_key = "puzzle_embedding.weights"
@@ -413,10 +606,23 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Tensor], source: P
 
 
 def _grad_norm(params: list[Tensor]) -> Tensor:
+    """The global 2-norm of the gradients (non-finite when one of them holds a NaN or an Inf)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element is finite: a fast 2-norm, confirmed by max-abs (which cannot overflow)
+    only when the 2-norm is not finite."""
+    if not tensors:
+        return True
+    detached = [t.detach() for t in tensors]
+    if bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(detached)]).norm())):
+        return True
+    max_abs = torch._foreach_norm(detached, ord=math.inf)
+    return bool(torch.isfinite(torch.stack([n.float() for n in max_abs]).max()))
 
 
 def config_to_yaml(config: TrainConfig) -> str:
