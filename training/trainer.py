@@ -223,6 +223,7 @@ class Trainer:
                 status = "finished"
                 if self.progress.eval_pending:  # resumed from a checkpoint written just before an evaluation
                     last_eval = self._evaluate_and_log()
+                shown_accuracy = float("nan")
                 while self.progress.step < self.total_steps:
                     iteration_before = self.progress.iteration
                     metrics = self.step()
@@ -232,7 +233,9 @@ class Trainer:
                         self.logger.log(self.progress.step, metrics)
                     if progress_bar is not None:
                         progress_bar.update(1)
-                        progress_bar.set_postfix(loss=f"{metrics.get('train/lm_loss', float('nan')):.3f}", acc=f"{metrics.get('train/accuracy', float('nan')):.3f}")
+                        if "train/accuracy" in metrics:  # only steps where some samples halted have one
+                            shown_accuracy = metrics["train/accuracy"]
+                        progress_bar.set_postfix(loss=f"{metrics.get('train/lm_loss', float('nan')):.3f}", acc=f"{shown_accuracy:.3f}")
                     if self.progress.consecutive_nonfinite >= config.max_nonfinite_steps:
                         status = "stopped: non-finite"
                         raise NonFiniteError(self._nonfinite_message())
@@ -381,10 +384,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         values = dict(zip(SUM_METRICS, sums.tolist()))
-        count = max(values.pop("count"), 1.0)
+        halted = values.pop("count")
         loss_divisor = config.global_batch_size * self.supervision_steps
-        out = {f"train/{name}": value / (loss_divisor if name.endswith("loss") else count) for name, value in values.items()}
-        out["train/halted_count"] = count
+        # Losses cover every sample; accuracy, exact_accuracy, q_halt_accuracy and steps average over the
+        # samples that halted at this step, and are left out of the record when none did.
+        out = {
+            f"train/{name}": value / (loss_divisor if name.endswith("loss") else halted)
+            for name, value in values.items()
+            if name.endswith("loss") or halted > 0
+        }
+        out["train/halted_count"] = halted
         out["train/lr"] = config.lr * lr_scale
         out["train/grad_norm"] = float(grad_norm)
         out["train/skipped_nonfinite"] = float(self.progress.skipped_nonfinite)
