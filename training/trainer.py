@@ -283,6 +283,8 @@ class Trainer:
                 finally:
                     if self.logger is not None:
                         self.logger.close()
+        if self.dist.world_size > 1:
+            dist.barrier()  # leave together: a rank tearing down its process group early can abort the others
         return summary
 
     def step(self) -> dict[str, float] | None:
