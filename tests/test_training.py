@@ -166,3 +166,16 @@ def test_jd_run_logs_diagnostics_and_engines_agree(sudoku_data: Path, tmp_path: 
     b = load_checkpoint(list_checkpoints(Path(slow["run_dir"]))[-1])["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_wandb_offline_run_needs_no_account(sudoku_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default W&B mode: a real offline W&B run beside metrics.jsonl, no login, no network."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=3, run_name="wb", **{"wandb.mode": "offline"})))
+    run_dir = Path(summary["run_dir"])
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1, list((run_dir / "wandb").iterdir())
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    assert offline_runs[0].name.endswith(run_id)
+    assert any(offline_runs[0].glob("*.wandb")), "the offline run holds its logged history"
