@@ -24,6 +24,7 @@ openings add loops, each kept only if the shortest path stays unique and long en
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import csv
 import math
 from collections import deque
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dataset.cli import csv_or_generate_parser, csv_provenance, parse_csv_or_generate, run_build
 from dataset.common import BLANK_IDENTIFIER, DatasetError, DatasetMetadata, SplitArrays, write_dataset
 
 WALL, OPEN, START, GOAL, PATH = "#", " ", "S", "G", "o"
@@ -443,14 +445,7 @@ def build_maze_from_csv(
             raise DatasetError(f"--subsample-size {subsample_size}: {input_csv} has {len(train_pairs)} rows; accepted 1..{len(train_pairs)}")
         chosen = np.sort(rng.choice(len(train_pairs), size=subsample_size, replace=False))
         train_pairs = [train_pairs[index] for index in chosen]
-    builder = {
-        "source": "csv",
-        "input_csv": str(input_csv),
-        "test_csv": None if test_csv is None else str(test_csv),
-        "subsample_size": subsample_size,
-        "num_aug": num_aug,
-        "seed": seed,
-    }
+    builder = csv_provenance(input_csv, test_csv, subsample_size, num_aug, seed)
     train_groups = _with_augmentations(train_pairs, num_aug, rng)
     return _write_maze(output_dir, size, train_groups, test_pairs, builder, overwrite)
 
@@ -461,58 +456,45 @@ def build_maze_from_csv(
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", required=True, help="dataset folder to create")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-aug", type=int, default=0, help="extra dihedral copies per train maze (0-7)")
-    source = parser.add_argument_group("import a Maze-Hard CSV")
-    source.add_argument("--input-csv", help="train CSV (source,question,answer,rating)")
-    source.add_argument("--test-csv", help="test CSV (same format; never augmented)")
-    source.add_argument("--subsample-size", type=int, help="keep this many random train rows")
-    generated = parser.add_argument_group("generate mazes with a unique shortest path")
-    generated.add_argument("--generate", action="store_true")
+    parser, generated = csv_or_generate_parser(
+        __doc__.split("\n\n")[0], puzzle="mazes with a unique shortest path", csv_name="Maze-Hard",
+        num_aug_help="extra dihedral copies per train maze (0-7)",
+    )
     generated.add_argument("--size", type=int, default=12, help=f"grid side, 3..{MAX_GENERATED_SIZE}")
     generated.add_argument("--min-path-length", type=int, help="cells on the shortest path, S and G included (default size*size//8)")
     generated.add_argument("--extra-openings", type=int, default=0, help="walls to try opening into loops")
     generated.add_argument("--num-train", type=int, default=1000)
     generated.add_argument("--num-test", type=int, default=100)
-    args = parser.parse_args(argv)
-    if args.generate == (args.input_csv is not None):
-        parser.error("pass exactly one of --generate or --input-csv")
-    if args.generate and (args.test_csv or args.subsample_size is not None):
-        parser.error("--test-csv and --subsample-size go with --input-csv, not --generate")
-    return args
+    return parse_csv_or_generate(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    try:
-        if args.generate:
-            path = build_generated_maze(
-                args.output_dir,
-                size=args.size,
-                num_train=args.num_train,
-                num_test=args.num_test,
-                min_path_length=args.min_path_length,
-                seed=args.seed,
-                overwrite=args.overwrite,
-                num_aug=args.num_aug,
-                extra_openings=args.extra_openings,
-            )
-        else:
-            path = build_maze_from_csv(
-                args.output_dir,
-                args.input_csv,
-                test_csv=args.test_csv,
-                subsample_size=args.subsample_size,
-                num_aug=args.num_aug,
-                seed=args.seed,
-                overwrite=args.overwrite,
-            )
-    except (DatasetError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from error
-    print(f"wrote {path}")
+    if args.generate:
+        build = partial(
+            build_generated_maze,
+            args.output_dir,
+            size=args.size,
+            num_train=args.num_train,
+            num_test=args.num_test,
+            min_path_length=args.min_path_length,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            num_aug=args.num_aug,
+            extra_openings=args.extra_openings,
+        )
+    else:
+        build = partial(
+            build_maze_from_csv,
+            args.output_dir,
+            args.input_csv,
+            test_csv=args.test_csv,
+            subsample_size=args.subsample_size,
+            num_aug=args.num_aug,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    run_build(build)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ The generator is also a library: :func:`generate_sudoku`, :func:`count_solutions
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import csv
 import random
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dataset.cli import csv_or_generate_parser, csv_provenance, parse_csv_or_generate, run_build
 from dataset.common import BLANK_IDENTIFIER, DatasetError, DatasetMetadata, SplitArrays, write_dataset
 
 BOX_SHAPES: dict[int, tuple[int, int]] = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
@@ -600,14 +602,7 @@ def build_sudoku_from_csv(
             )
         chosen = np.sort(rng.choice(len(train[0]), size=subsample_size, replace=False))
         train = (train[0][chosen], train[1][chosen])
-    builder = {
-        "source": "csv",
-        "input_csv": str(input_csv),
-        "test_csv": None if test_csv is None else str(test_csv),
-        "subsample_size": subsample_size,
-        "num_aug": num_aug,
-        "seed": seed,
-    }
+    builder = csv_provenance(input_csv, test_csv, subsample_size, num_aug, seed)
     return _write_sudoku(output_dir, size, train, test, num_aug, rng, builder, overwrite)
 
 
@@ -617,60 +612,47 @@ def build_sudoku_from_csv(
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", required=True, help="dataset folder to create")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-aug", type=int, default=0, help="extra augmented copies per train puzzle")
-    source = parser.add_argument_group("import a Sudoku-Extreme CSV")
-    source.add_argument("--input-csv", help="train CSV (source,question,answer,rating)")
-    source.add_argument("--test-csv", help="test CSV (same format; never augmented)")
-    source.add_argument("--subsample-size", type=int, help="keep this many random train rows")
-    generated = parser.add_argument_group("generate puzzles with a unique solution")
-    generated.add_argument("--generate", action="store_true")
+    parser, generated = csv_or_generate_parser(
+        __doc__.split("\n\n")[0], puzzle="puzzles with a unique solution", csv_name="Sudoku-Extreme",
+        num_aug_help="extra augmented copies per train puzzle",
+    )
     generated.add_argument("--size", type=int, choices=sorted(BOX_SHAPES), default=9)
     generated.add_argument("--num-train", type=int, default=1000)
     generated.add_argument("--num-test", type=int, default=100)
     generated.add_argument("--givens", type=int, help="exact number of clues (difficulty: fewer is harder)")
     generated.add_argument("--min-givens", type=int)
     generated.add_argument("--max-givens", type=int)
-    args = parser.parse_args(argv)
-    if args.generate == (args.input_csv is not None):
-        parser.error("pass exactly one of --generate or --input-csv")
-    if args.generate and (args.test_csv or args.subsample_size is not None):
-        parser.error("--test-csv and --subsample-size go with --input-csv, not --generate")
-    return args
+    return parse_csv_or_generate(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    try:
-        if args.generate:
-            path = build_generated_sudoku(
-                args.output_dir,
-                size=args.size,
-                num_train=args.num_train,
-                num_test=args.num_test,
-                givens=args.givens,
-                min_givens=args.min_givens,
-                max_givens=args.max_givens,
-                seed=args.seed,
-                overwrite=args.overwrite,
-                num_aug=args.num_aug,
-            )
-        else:
-            path = build_sudoku_from_csv(
-                args.output_dir,
-                args.input_csv,
-                test_csv=args.test_csv,
-                subsample_size=args.subsample_size,
-                num_aug=args.num_aug,
-                seed=args.seed,
-                overwrite=args.overwrite,
-            )
-    except (DatasetError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from error
-    print(f"wrote {path}")
+    if args.generate:
+        build = partial(
+            build_generated_sudoku,
+            args.output_dir,
+            size=args.size,
+            num_train=args.num_train,
+            num_test=args.num_test,
+            givens=args.givens,
+            min_givens=args.min_givens,
+            max_givens=args.max_givens,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            num_aug=args.num_aug,
+        )
+    else:
+        build = partial(
+            build_sudoku_from_csv,
+            args.output_dir,
+            args.input_csv,
+            test_csv=args.test_csv,
+            subsample_size=args.subsample_size,
+            num_aug=args.num_aug,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    run_build(build)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def model_from_checkpoint(
     path: Path, state: dict[str, Any], config: TrainConfig, sizes: DataSizes, *, device: torch.device, use_ema: bool | None = None
 ) -> LoadedCheckpoint:
     """:func:`load_for_evaluation` for a checkpoint already read by :func:`read_checkpoint`."""
-    from training.trainer import load_model_state  # the trainer's loader: same key handling and errors
+    from training.checkpoint import load_model_state  # the trainer's loader: same key handling and errors
 
     ema_state = state.get("ema")
     if use_ema and ema_state is None:

@@ -51,7 +51,7 @@ from models.recursive_reasoning.act import ACTCarry
 from models.registry import build_model
 from models.sparse_embedding import SignSGDSparseEmbedding
 from training.atomic import atomic_write_text
-from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from training.config import ConfigError, TrainConfig, trajectory_changes
 from training.distributed import DistInfo, ElasticInfo, broadcast_module_, decide_on_main, elastic_info
 from training.evaluation import build_evaluators, evaluate
@@ -582,38 +582,6 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=self.total_steps, initial=self.progress.step, desc=self.run_name, dynamic_ncols=True)
-
-
-def load_model_state(model: torch.nn.Module, state: dict[str, Tensor], source: Path | str) -> None:
-    """Load weights with clear errors; a puzzle table of another size restarts from the mean of the old rows."""
-    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise CheckpointError(f"{source}: its model state is not a dict of tensors")
-    state = {key.replace("_orig_mod.", ""): value for key, value in state.items()}
-    own = model.state_dict()
-    table_key = "puzzle_embedding.weights"
-    if table_key in state and table_key in own and state[table_key].shape != own[table_key].shape:
-        old = state[table_key]
-        if old.shape[1:] != own[table_key].shape[1:]:
-            raise CheckpointError(
-                f"{source}: checkpoint does not fit this model: puzzle embedding width {tuple(old.shape)} vs the model's {tuple(own[table_key].shape)}"
-            )
-        print(f"[checkpoint] puzzle embedding has {old.shape[0]} rows, the dataset needs {own[table_key].shape[0]}: re-initialised from their mean")
-        state[table_key] = old.mean(dim=0, keepdim=True).expand_as(own[table_key]).clone()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        details = "; ".join(
-            part
-            for part in (
-                f"missing {missing[:4]}" if missing else "",
-                f"unexpected {unexpected[:4]}" if unexpected else "",
-                f"shape mismatch {mismatched[:4]}" if mismatched else "",
-            )
-            if part
-        )
-        raise CheckpointError(f"{source}: checkpoint does not fit this model (another arch or size?): {details}")
-    model.load_state_dict(state)
 
 
 def _grad_norm(params: list[Tensor]) -> Tensor:
