@@ -56,13 +56,18 @@ Distributed (``world_size > 1``):
 
 Non-finite objectives, Gramian or update: the micro-batch adds nothing to ``.grad``, the step
 counts it (:attr:`JDStep.skipped_nonfinite`, metric ``jd/skipped_nonfinite``).
+
+Where the code lives: this module validates the configuration, picks the engine, dispatches the
+backward and accumulates the engine's :class:`jd.update.JDUpdate`; the maths of each engine is in
+:mod:`jd.per_sample_engine`, :mod:`jd.jacobian_engine` (``autojac``, ``gramian``, and the
+``per_sample`` fallback), :mod:`jd.autogram_engine` and :mod:`jd.global_engine` (the exact global
+aggregation over ranks, on :mod:`jd.collective`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,19 +75,23 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchjd.aggregation import Aggregator
 from torchjd.autogram import Engine
-from torchjd.autojac import jac
 
 from jd.aggregators import (
-    aggregate,
     build_aggregator,
     expected_num_objectives,
     gramian_weighting,
     needs_num_objectives,
     validate_aggregator,
 )
+from jd.autogram_engine import ForwardCounter, autogram_update
+from jd.collective import Collective
 from jd.config import JDConfig
 from jd.diagnostics import diagnostics_from_update, diagnostics_from_weights
-from jd.splits import SplitSpec, bucket_matrix, group_objectives, split_from_config
+from jd.global_engine import global_update
+from jd.jacobian_engine import local_update
+from jd.per_sample_engine import per_sample_update
+from jd.splits import SplitSpec, group_objectives, split_from_config
+from jd.update import JDUpdate, accumulate_grad, unflatten
 from models.loss_terms import LossTerms
 from models.per_sample import per_sample_parameters
 
@@ -99,78 +108,6 @@ PER_SAMPLE_SPLITS = frozenset(
 """Splits whose objectives are linear in each sample's LM and halting losses (``jd.engine=per_sample``)."""
 
 
-@dataclass
-class _Update:
-    """What one micro-batch contributes, before accumulation (``None`` grads: skipped)."""
-
-    num_objectives: int
-    param_grads: list[Tensor] | None = None
-    row_grads: list[Tensor] | None = None
-    gramian: Tensor | None = None
-    weights: Tensor | None = None
-    projections: Tensor | None = None  # J d
-    update_sq_norm: Tensor | None = None  # ||d||^2
-
-
-def _flat(blocks: Sequence[Tensor], m: int, like: Tensor) -> Tensor:
-    """Concatenate Jacobian blocks ``[m, *shape]`` into one ``[m, n]`` matrix (``[m, 0]`` when empty)."""
-    if not blocks:
-        return like.new_zeros(m, 0)
-    return torch.cat([b.reshape(m, -1) for b in blocks], dim=1)
-
-
-def _unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Split a flat vector into tensors shaped (and typed) like ``like``."""
-    pieces = vector.split([t.numel() for t in like]) if like else []
-    return [p.reshape(t.shape).to(t.dtype) for p, t in zip(pieces, like)]
-
-
-def _grads_of(output: Tensor, inputs: Sequence[Tensor], grad_output: Tensor | None = None, retain_graph: bool = False) -> list[Tensor]:
-    """``d output / d inputs`` (zeros for inputs the output does not depend on)."""
-    if not inputs:
-        return []
-    grads = torch.autograd.grad(output, list(inputs), grad_outputs=grad_output, retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
-
-
-def _all_finite(*tensors: Tensor | None) -> bool:
-    """Whether every entry of every tensor is finite (one host synchronisation)."""
-    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(checks).all()) if checks else True
-
-
-class _Collective:
-    """The few collectives the step needs, on ``group`` (all ranks when ``None``)."""
-
-    def __init__(self, world_size: int, group: Any) -> None:
-        self.world_size = world_size
-        self.group = group
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank(self.group)
-
-    def all_reduce(self, tensor: Tensor, op: Any = dist.ReduceOp.SUM) -> Tensor:
-        dist.all_reduce(tensor, op=op, group=self.group)
-        return tensor
-
-    def broadcast_from_first(self, tensor: Tensor) -> Tensor:
-        source = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        dist.broadcast(tensor, src=source, group=self.group)
-        return tensor
-
-    def all_gather_rows(self, tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
-        """All-gather ``[count_r, *rest]`` tensors whose first dimension differs by rank."""
-        longest = max(counts)
-        if longest == 0:
-            return [tensor.new_zeros((0, *tensor.shape[1:])) for _ in counts]
-        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded.contiguous(), group=self.group)
-        return [g[:c] for g, c in zip(gathered, counts)]
-
-
 class JDStep:
     """Fills ``.grad`` of the parameters and puzzle-embedding rows from the losses of a micro-batch.
 
@@ -182,13 +119,13 @@ class JDStep:
         self.config = config
         self.split = split
         self.world_size = world_size
-        self._collective = _Collective(world_size, group)
+        self._collective = Collective(world_size, group)
         self._generator = torch.Generator().manual_seed(config.seed)
         self._skipped = 0
         self._needs_finish_reduce = False
         self._autogram: Engine | None = None
         self._leaves: dict[nn.Parameter, Tensor] | None = None
-        self._forward_counts: _ForwardCounter | None = None
+        self._forward_counts: ForwardCounter | None = None
         self._aggregator: Aggregator | None = None
         self._aggregator_m: int | None = None
         self.engine = "gd"
@@ -255,7 +192,7 @@ class JDStep:
         autogram engine refuses a forward without a backward)."""
         if self.engine == "autogram":
             self._autogram = Engine(*modules, batch_dim=None)
-            self._forward_counts = _ForwardCounter(modules)
+            self._forward_counts = ForwardCounter(modules)
 
     # --------------------------------------------------------------------------------- backward
     def backward(self, steps: Sequence[LossTerms], params: Sequence[Tensor], puzzle_rows: Sequence[Tensor]) -> dict[str, float]:
@@ -273,9 +210,20 @@ class JDStep:
             return {}
 
         if self.engine == "per_sample" and self._leaves is not None:
-            update = self._per_sample_update(steps, [p for p in params if p.requires_grad], [r for r in puzzle_rows if r.requires_grad])
+            params = [p for p in params if p.requires_grad]
+            rows = [r for r in puzzle_rows if r.requires_grad]
+            update = per_sample_update(
+                steps,
+                params,
+                rows,
+                split=self.split,
+                leaves=self._leaves,
+                config=self.config,
+                generator=self._generator,
+                aggregator_for=self._aggregator_for,
+            )
             self._needs_finish_reduce = self.world_size > 1
-            return self._apply(update, [p for p in params if p.requires_grad], [r for r in puzzle_rows if r.requires_grad])
+            return self._apply(update, params, rows)
 
         objectives = self.split.objectives(steps)
         shared = self.split.shared_count(steps)
@@ -287,28 +235,51 @@ class JDStep:
         rows = [r for r in puzzle_rows if r.requires_grad]
 
         if self.exact_global:
-            update = self._global_update(objectives, shared, params, rows)
+            update = global_update(
+                objectives,
+                shared,
+                params,
+                rows,
+                engine=self.engine,
+                config=self.config,
+                split_name=self.split.name,
+                collective=self._collective,
+                aggregator_for=self._aggregator_for,
+            )
         else:
-            update = self._local_update(objectives, params, rows)
+            aggregator = self._aggregator_for(objectives.shape[0])
+            if self.engine == "autogram":
+                update = autogram_update(
+                    objectives,
+                    params,
+                    rows,
+                    aggregator=aggregator,
+                    engine=self._autogram,
+                    counter=self._forward_counts,
+                    config=self.config,
+                )
+            else:
+                update = local_update(objectives, params, rows, aggregator=aggregator, engine=self.engine, config=self.config)
             self._needs_finish_reduce = self.world_size > 1
 
         return self._apply(update, params, rows)
 
-    def _apply(self, update: _Update, params: list[Tensor], rows: list[Tensor]) -> dict[str, float]:
+    def _apply(self, update: JDUpdate, params: list[Tensor], rows: list[Tensor]) -> dict[str, float]:
         """Accumulate an update into ``.grad`` (or count it as skipped) and return its metrics."""
         if update.param_grads is None:
             self._skipped += 1
             return {"jd/skipped_nonfinite": float(self._skipped), "jd/num_objectives": float(update.num_objectives)}
         for tensor, grad in zip(params, update.param_grads):
-            _accumulate(tensor, grad)
+            accumulate_grad(tensor, grad)
         for tensor, grad in zip(rows, update.row_grads or []):
-            _accumulate(tensor, grad)
+            accumulate_grad(tensor, grad)
         metrics = self._diagnostics(update)
         metrics["jd/skipped_nonfinite"] = float(self._skipped)
         metrics["jd/num_objectives"] = float(update.num_objectives)
         return metrics
 
-    def _diagnostics(self, update: _Update) -> dict[str, float]:
+    def _diagnostics(self, update: JDUpdate) -> dict[str, float]:
+        """The ``jd/...`` diagnostics of an applied update (empty when off or without a Gramian)."""
         if not self.config.diagnostics or update.gramian is None:
             return {}
         if update.projections is not None and update.update_sq_norm is not None:
@@ -317,6 +288,7 @@ class JDStep:
         return diagnostics_from_weights(update.gramian, update.weights)
 
     def _aggregator_for(self, m: int) -> Aggregator:
+        """The aggregator for ``m`` objectives: rebuilt (fresh state) when ``m`` changes and its kwargs need it."""
         expected = expected_num_objectives(self.config.aggregator, self.config.aggregator_kwargs)
         if expected is not None and expected != m:
             raise ValueError(
@@ -327,276 +299,6 @@ class JDStep:
             self._aggregator = build_aggregator(self.config.aggregator, self.config.aggregator_kwargs, num_objectives=m)
             self._aggregator_m = m
         return self._aggregator
-
-    def _gd_rows(self, objectives: Tensor, rows: Sequence[Tensor]) -> list[Tensor] | None:
-        """Rows left out of the Jacobian (``include_puzzle_embedding=false``): GD gradient of the sum."""
-        if self.config.include_puzzle_embedding or not rows:
-            return None
-        return _grads_of(objectives.sum(), rows, retain_graph=True)
-
-    # ------------------------------------------------------------------- single process / local
-    def _local_update(self, objectives: Tensor, params: list[Tensor], rows: list[Tensor]) -> _Update:
-        m = objectives.shape[0]
-        aggregator = self._aggregator_for(m)
-        jac_rows = rows if self.config.include_puzzle_embedding else []
-        if self.engine == "autogram":
-            return self._autogram_update(objectives, aggregator, params, rows, jac_rows)
-        if not _all_finite(objectives):
-            return _Update(m)
-        gd_rows = self._gd_rows(objectives, rows)
-        inputs = params + jac_rows
-        blocks = list(jac(objectives, inputs, parallel_chunk_size=self.config.parallel_chunk_size)) if inputs else []
-        update = _Update(m)
-        if self.engine in ("gramian", "per_sample"):  # per_sample outside forward_context: same result, slower
-            weighting = gramian_weighting(aggregator)
-            assert weighting is not None
-            gramian = sum((b.reshape(m, -1) @ b.reshape(m, -1).T for b in blocks), objectives.new_zeros(m, m).detach())
-            if not _all_finite(gramian):
-                return _Update(m)
-            weights = weighting(gramian).to(gramian.dtype)
-            grads = [m * torch.tensordot(weights, b, dims=1) for b in blocks]
-            update.gramian, update.weights = gramian, weights
-        else:
-            jacobian = _flat(blocks, m, objectives.detach())
-            vector, weights = aggregate(aggregator, jacobian)
-            grads = _unflatten(m * vector, inputs)
-            if self.config.diagnostics:
-                update.gramian, update.weights = jacobian @ jacobian.T, weights
-                update.projections, update.update_sq_norm = jacobian @ vector, vector @ vector
-        if not _all_finite(*grads, *(gd_rows or [])):
-            return _Update(m)
-        update.param_grads = grads[: len(params)]
-        update.row_grads = gd_rows if gd_rows is not None else grads[len(params) :]
-        return update
-
-    def _per_sample_update(self, steps: Sequence[LossTerms], params: list[Tensor], rows: list[Tensor]) -> _Update:
-        """``jd.engine=per_sample``: see the module docstring."""
-        assert self._leaves is not None
-        batch = steps[0].batch_size
-        channels = [value for terms in steps for value in (terms.lm.sum(dim=1), terms.halting())]  # [B] each, step-major
-        objectives = self.split.objectives(steps)
-        mixing = self._mixing_matrix(steps, channels, objectives)  # [m0, C * B]
-        if self.config.n_groups is not None:
-            buckets = bucket_matrix(objectives.shape[0], self.config.n_groups, self._generator).to(mixing)
-            mixing, objectives = buckets @ mixing, buckets.to(objectives) @ objectives
-        m = objectives.shape[0]
-        if not _all_finite(objectives):
-            return _Update(m)
-
-        # One backward per distinct channel: LM and halting merge when the split never separates them.
-        units: list[tuple[int, Tensor, Tensor]] = []  # (step, per-sample losses [B], mixing columns [m, B])
-        for k in range(len(steps)):
-            lm_cols, halt_cols = mixing[:, 2 * k * batch : (2 * k + 1) * batch], mixing[:, (2 * k + 1) * batch : (2 * k + 2) * batch]
-            if torch.equal(lm_cols, halt_cols):
-                units.append((k, channels[2 * k] + channels[2 * k + 1], lm_cols))
-            else:
-                units.extend([(k, channels[2 * k], lm_cols), (k, channels[2 * k + 1], halt_cols)])
-        leaves = [self._leaves[p] for p in params]
-        step_rows = rows if len(rows) == len(steps) else []
-        per_sample: list[list[Tensor]] = [[] for _ in leaves]  # per leaf, one [B, *shape] per unit
-        row_grads: list[Tensor] = []  # per unit, [B, D] (this unit's step's rows)
-        for index, (k, losses, _) in enumerate(units):
-            targets = leaves + ([step_rows[k]] if step_rows else [])
-            grads = _grads_of(losses.sum(), targets, retain_graph=index < len(units) - 1)
-            for slot, grad in zip(per_sample, grads[: len(leaves)]):
-                slot.append(grad)
-            if step_rows:
-                row_grads.append(grads[-1])
-        coefficients = torch.cat([cols for _, _, cols in units], dim=1)  # A over the units' samples, [m, U * B]
-
-        # Gramian of the per-sample gradients E [U * B, n], then of the objectives: G = A (E E^T) A^T.
-        inner = objectives.new_zeros(len(units) * batch, len(units) * batch).float()
-        for slot in per_sample:
-            flat = torch.stack(slot).reshape(len(units) * batch, -1).float()
-            inner += flat @ flat.T
-        include_rows = self.config.include_puzzle_embedding and bool(row_grads)
-        if include_rows:
-            for i, (k_i, _, _) in enumerate(units):
-                for j, (k_j, _, _) in enumerate(units):
-                    if k_i == k_j:  # rows of different forwards are different columns of J
-                        dots = (row_grads[i].float() * row_grads[j].float()).sum(dim=1)
-                        inner[i * batch : (i + 1) * batch, j * batch : (j + 1) * batch] += torch.diag(dots)
-        coefficients = coefficients.float()
-        gramian = coefficients @ inner @ coefficients.T
-        if not _all_finite(gramian):
-            return _Update(m)
-        aggregator = self._aggregator_for(m)
-        weighting = gramian_weighting(aggregator)
-        assert weighting is not None
-        weights = weighting(gramian).to(gramian.dtype)
-        mix = m * (coefficients.T @ weights)  # [U * B]: each per-sample gradient's coefficient in the update
-        param_grads = [
-            torch.tensordot(mix.to(slot[0].dtype), torch.stack(slot).reshape(len(units) * batch, *slot[0].shape[1:]), dims=1)
-            for slot in per_sample
-        ]
-        if not _all_finite(*param_grads):
-            return _Update(m)
-        final_rows: list[Tensor] = []
-        if step_rows:
-            row_mix = mix if include_rows else (coefficients.T @ torch.ones_like(weights))
-            for k, row in enumerate(step_rows):
-                total = torch.zeros_like(row)
-                for i, (k_i, _, _) in enumerate(units):
-                    if k_i == k:
-                        total = total + row_mix[i * batch : (i + 1) * batch].to(row.dtype).unsqueeze(1) * row_grads[i]
-                final_rows.append(total)
-        elif rows:
-            final_rows = [torch.zeros_like(r) for r in rows]
-        return _Update(m, param_grads=param_grads, row_grads=final_rows, gramian=gramian, weights=weights)
-
-    def _mixing_matrix(self, steps: Sequence[LossTerms], channels: list[Tensor], objectives: Tensor) -> Tensor:
-        """``A`` with ``objectives = A @ cat(channels)``, read off the split on probe losses, and checked."""
-        batch, seq = steps[0].lm.shape
-        device = objectives.device
-
-        def probe(values: Tensor) -> Tensor:
-            fake = []
-            for k in range(len(steps)):
-                lm_part, halt_part = values[2 * k * batch : (2 * k + 1) * batch], values[(2 * k + 1) * batch : (2 * k + 2) * batch]
-                lm = torch.cat([lm_part.unsqueeze(1), lm_part.new_zeros(batch, seq - 1)], dim=1)
-                fake.append(LossTerms(lm=lm, q_halt=2 * halt_part))  # halting() = 0.5 * q_halt
-            return self.split.objectives(fake)
-
-        zeros = torch.zeros(len(channels) * batch, device=device)
-        mixing = torch.autograd.functional.jacobian(probe, zeros, vectorize=True)
-        rebuilt = mixing @ torch.cat([c.detach().float() for c in channels])
-        if not torch.allclose(rebuilt, objectives.detach().float(), rtol=1e-4, atol=1e-6 * max(1.0, float(objectives.detach().abs().max()))):
-            raise ValueError(f"jd.engine=per_sample: jd.split={self.split.name} is not linear in per-sample losses")
-        return mixing
-
-    def _autogram_update(
-        self, objectives: Tensor, aggregator: Aggregator, params: list[Tensor], rows: list[Tensor], jac_rows: list[Tensor]
-    ) -> _Update:
-        m = objectives.shape[0]
-        if self._autogram is None:
-            raise RuntimeError("jd.engine=autogram: call JDStep.attach(model) once, before the model's first forward")
-        weighting = gramian_weighting(aggregator)
-        assert weighting is not None and self._forward_counts is not None
-        self._forward_counts.check_single_use()
-        gramian = self._autogram.compute_gramian(objectives)  # also resets the engine's per-forward state
-        if jac_rows:
-            row_blocks = jac(objectives, jac_rows, retain_graph=True, parallel_chunk_size=self.config.parallel_chunk_size)
-            row_matrix = _flat(row_blocks, m, objectives.detach())
-            gramian = gramian + row_matrix @ row_matrix.T
-        if not _all_finite(objectives, gramian):
-            return _Update(m)
-        gd_rows = self._gd_rows(objectives, rows)
-        weights = weighting(gramian).to(objectives.dtype)
-        grads = _grads_of(objectives, params + jac_rows, grad_output=m * weights.detach())
-        if not _all_finite(*grads, *(gd_rows or [])):
-            return _Update(m)
-        return _Update(
-            m,
-            param_grads=grads[: len(params)],
-            row_grads=gd_rows if gd_rows is not None else grads[len(params) :],
-            gramian=gramian,
-            weights=weights,
-        )
-
-    # ------------------------------------------------------------------------------- global
-    def _global_update(self, objectives: Tensor, shared: int, params: list[Tensor], rows: list[Tensor]) -> _Update:
-        """Exact aggregation of the global Jacobian over all ranks (see the module docstring).
-
-        Global objectives: the ``shared`` leading ones (summed over ranks), then each rank's
-        per-instance ones in rank order. Columns: the parameters, then each rank's puzzle rows.
-        """
-        comm = self._collective
-        jac_rows = rows if self.config.include_puzzle_embedding else []
-        local_m = objectives.shape[0]
-        row_numel = sum(r.numel() for r in jac_rows)
-        device = objectives.device
-        finite = _all_finite(objectives)
-        gd_rows = self._gd_rows(objectives, rows) if finite else None
-        finite = finite and _all_finite(*(gd_rows or []))
-        info = torch.tensor([shared, local_m - shared, row_numel, int(finite)], device=device)
-        infos = comm.all_gather_rows(info.unsqueeze(0), [1] * self.world_size)
-        table = torch.cat(infos).tolist()
-        if len({r[0] for r in table}) != 1:
-            raise RuntimeError(f"jd.split={self.split.name}: ranks disagree on the number of shared objectives: {[r[0] for r in table]}")
-        instance_counts = [int(r[1]) for r in table]
-        row_counts = [int(r[2]) for r in table]
-        m = shared + sum(instance_counts)
-        if not all(r[3] for r in table):
-            return _Update(m)
-
-        rank = comm.rank
-        offsets = [shared + sum(instance_counts[:r]) for r in range(self.world_size)]
-        local_index = torch.cat(
-            [torch.arange(shared), torch.arange(offsets[rank], offsets[rank] + instance_counts[rank])]
-        ).to(device)
-
-        aggregator = self._aggregator_for(m)
-        inputs = params + jac_rows
-        blocks = list(jac(objectives, inputs, parallel_chunk_size=self.config.parallel_chunk_size))
-        param_matrix = _flat(blocks[: len(params)], local_m, objectives.detach())
-        row_matrix = _flat(blocks[len(params) :], local_m, objectives.detach())
-        del blocks
-        shared_part = param_matrix[:shared].contiguous()
-        if shared > 0:
-            comm.all_reduce(shared_part)
-        instance_parts = comm.all_gather_rows(param_matrix[shared:].contiguous(), instance_counts)
-        global_params = torch.cat([shared_part, *instance_parts])  # [m, n], identical on every rank
-        del param_matrix, shared_part, instance_parts
-
-        update = _Update(m)
-        weighting = gramian_weighting(aggregator) if self.engine == "gramian" else None
-        if weighting is not None:
-            gramian = global_params @ global_params.T
-            row_gramian = gramian.new_zeros(m, m)
-            row_gramian[local_index.unsqueeze(1), local_index.unsqueeze(0)] = row_matrix @ row_matrix.T
-            gramian = gramian + comm.all_reduce(row_gramian)
-            if not _all_finite(gramian):
-                return update
-            weights = comm.broadcast_from_first(weighting(gramian).to(gramian.dtype).contiguous())
-            param_vector = global_params.T @ weights
-            row_vector = row_matrix.T @ weights[local_index]
-            update.gramian, update.weights = gramian, weights
-        else:
-            jacobian, row_offsets = self._global_jacobian(global_params, row_matrix, shared, offsets, instance_counts, row_counts)
-            vector, weights = aggregate(aggregator, jacobian)
-            vector = comm.broadcast_from_first(vector.contiguous())
-            if weights is not None:
-                weights = comm.broadcast_from_first(weights.to(vector.dtype).contiguous())
-            n = global_params.shape[1]
-            param_vector = vector[:n]
-            row_vector = vector[n + row_offsets[rank] : n + row_offsets[rank] + row_counts[rank]]
-            if self.config.diagnostics:
-                update.gramian, update.weights = jacobian @ jacobian.T, weights
-                update.projections, update.update_sq_norm = jacobian @ vector, vector @ vector
-        param_grads = _unflatten(m * param_vector, params)
-        row_grads = _unflatten(m * row_vector, jac_rows)
-        finite = torch.tensor([int(_all_finite(*param_grads, *row_grads))], device=device)
-        if not bool(comm.all_reduce(finite, op=dist.ReduceOp.MIN).item()):  # every rank skips, or none
-            return _Update(m)
-        update.param_grads = param_grads
-        update.row_grads = gd_rows if gd_rows is not None else row_grads
-        return update
-
-    def _global_jacobian(
-        self,
-        global_params: Tensor,
-        row_matrix: Tensor,
-        shared: int,
-        offsets: list[int],
-        instance_counts: list[int],
-        row_counts: list[int],
-    ) -> tuple[Tensor, list[int]]:
-        """The full global Jacobian ``[m, n + sum_r k_r]`` (for aggregators that need it), and each rank's row-column offset."""
-        widest = shared + max(instance_counts)
-        local_rows = row_matrix.new_zeros(row_matrix.shape[1], widest)  # [k_r, m_r] padded: gather along k_r
-        local_rows[:, : row_matrix.shape[0]] = row_matrix.T
-        gathered = self._collective.all_gather_rows(local_rows, row_counts)
-        m, n = global_params.shape
-        row_offsets = [sum(row_counts[:r]) for r in range(self.world_size)]
-        jacobian = global_params.new_zeros(m, n + sum(row_counts))
-        jacobian[:, :n] = global_params
-        for r, block in enumerate(gathered):
-            if row_counts[r] == 0:
-                continue
-            index = torch.cat([torch.arange(shared), torch.arange(offsets[r], offsets[r] + instance_counts[r])]).to(jacobian.device)
-            columns = slice(n + row_offsets[r], n + row_offsets[r] + row_counts[r])
-            jacobian[index, columns] = block[:, : shared + instance_counts[r]].T
-        return jacobian, row_offsets
 
     # ----------------------------------------------------------------------------------- finish
     def finish(self, params: Sequence[Tensor]) -> None:
@@ -617,7 +319,7 @@ class JDStep:
             return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in reduced])
         self._collective.all_reduce(flat)
-        for p, grad in zip(reduced, _unflatten(flat, reduced)):
+        for p, grad in zip(reduced, unflatten(flat, reduced)):
             p.grad = grad
 
     # ---------------------------------------------------------------------------------- resume
@@ -627,49 +329,9 @@ class JDStep:
         return {"generator": self._generator.get_state(), "skipped_nonfinite": self._skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self._generator.set_state(state["generator"])
         self._skipped = int(state["skipped_nonfinite"])
-
-
-class _ForwardCounter:
-    """Counts the forwards under gradient of the modules that autogram hooks (those with direct
-    trainable parameters), to refuse what TorchJD 0.18's ``batch_dim=None`` autogram engine gets
-    wrong: a module used more than once before the backward (weight tying, recursion, stacked
-    supervision steps). Its per-module Jacobian then back-propagates into the earlier uses."""
-
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
-        self.counts: dict[str, int] = {}
-        self._handles = []
-        for root in modules:
-            for name, module in root.named_modules():
-                if any(p.requires_grad for p in module.parameters(recurse=False)):
-                    self._handles.append(module.register_forward_hook(self._hook(name or type(module).__name__)))
-
-    def _hook(self, name: str) -> Any:
-        def count(_module: nn.Module, _args: Any, _output: Any) -> None:
-            if torch.is_grad_enabled():
-                self.counts[name] = self.counts.get(name, 0) + 1
-
-        return count
-
-    def check_single_use(self) -> None:
-        reused = {name: n for name, n in self.counts.items() if n > 1}
-        self.counts = {}
-        if reused:
-            name, times = next(iter(reused.items()))
-            raise ValueError(
-                f"jd.engine=autogram: module {name!r} ran {times} times before this backward; TorchJD 0.18's autogram "
-                "engine cannot differentiate a module used more than once (weight tying, recursion as in the TRM, "
-                "supervision stacks): use jd.engine=gramian"
-            )
-
-
-def _accumulate(tensor: Tensor, grad: Tensor) -> None:
-    grad = grad.detach().to(tensor.dtype)
-    if tensor.grad is None:
-        tensor.grad = grad
-    else:
-        tensor.grad.add_(grad)
 
 
 def build_jd_step(config: JDConfig, *, world_size: int = 1, group: Any = None) -> JDStep:
