@@ -9,7 +9,7 @@ One optimizer step, on every rank::
     jd_step.finish()                                              -> gradients reduced over ranks once
     skip the step if anything is non-finite; else AdamATan2 + sign-SGD (+ EMA)
 
-Reliability rules (see ``training/README_SECTION.md``):
+Reliability rules (the README's "Run directory, W&B and resuming" section says more):
 
 * Exact resume: a checkpoint holds the model, both optimizers, the EMA, the progress (step and data
   position), every rank's RNG streams and ACT carries, and the JD step's state; evaluation runs with
@@ -344,7 +344,6 @@ class Trainer:
             with self.jd_step.forward_context(self.model, self.micro_batch):
                 jd_metrics = self._micro_step(micro, rows, batches, step_terms, sums, rows_before)
         self.jd_step.finish(self.params)
-
 
         grad_norm = _grad_norm(self.params)
         if self.jd_step.skipped_nonfinite > jd_skipped_before:  # non-finite objectives, Gramian or update
