@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class JDConfig(BaseModel):
@@ -17,7 +17,7 @@ class JDConfig(BaseModel):
 
     split: str = "none"
     aggregator: str = "upgrad"
-    aggregator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    aggregator_kwargs: dict[str, Any] = Field(default_factory=dict, description="null in YAML, so that Hydra can override it with a dict")
     n_groups: int | None = Field(default=None, ge=1)
     engine: Literal["auto", "per_sample", "gramian", "autojac", "autogram"] = "auto"
     distributed: Literal["local", "global"] = "local"
@@ -31,3 +31,8 @@ class JDConfig(BaseModel):
     parallel_chunk_size: int | None = Field(
         default=None, ge=1, description="Jacobian rows differentiated at once (None: all, with torch.vmap; 1: no vmap)"
     )
+
+    @field_validator("aggregator_kwargs", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value

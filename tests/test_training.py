@@ -179,3 +179,12 @@ def test_wandb_offline_run_needs_no_account(sudoku_data: Path, tmp_path: Path, m
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
     assert offline_runs[0].name.endswith(run_id)
     assert any(offline_runs[0].glob("*.wandb")), "the offline run holds its logged history"
+
+
+def test_aggregator_kwargs_take_a_dict_from_the_command_line() -> None:
+    """The README's examples: a Hydra override gives the aggregator its keyword arguments."""
+    constant = compose(["jd.split=lm_loss_vs_q_halt_loss", "jd.aggregator=constant", "jd.aggregator_kwargs={weights: [1.0, 0.5]}"])
+    assert constant.jd.aggregator_kwargs == {"weights": [1.0, 0.5]}
+    quadprog = compose(["jd.split=iwrm_with_q_halt_in", "jd.aggregator_kwargs={projector: {solver: quadprog}}"])
+    assert quadprog.jd.aggregator_kwargs == {"projector": {"solver": "quadprog"}}
+    assert compose([]).jd.aggregator_kwargs == {}
