@@ -170,8 +170,9 @@ def _missing_packages_error(name: str, exc: ImportError) -> ImportError:
         extra, project = "quadprog_projector", "pip install -e ."
     else:
         extra, project = _entry(name).extra or "full", PROJECT_EXTRA_HINT
+    detail = str(exc).split(". Install")[0]  # TorchJD's own hint names its extra, repeated below
     return ImportError(
-        f"jd.aggregator={name} needs optional packages that are not installed ({exc}). "
+        f"jd.aggregator={name} needs optional packages that are not installed ({detail}). "
         f"Install them with: pip install 'torchjd[{extra}]' (or this project's extra: {project})"
     )
 

@@ -42,6 +42,12 @@ class ForwardCounter:
 
         return count
 
+    def remove(self) -> None:
+        """Unhook the modules."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def check_single_use(self) -> None:
         """Raise if a hooked module ran more than once since the last check; reset the counts."""
         reused = {name: n for name, n in self.counts.items() if n > 1}
@@ -53,6 +59,17 @@ class ForwardCounter:
                 "engine cannot differentiate a module used more than once (weight tying, recursion as in the TRM, "
                 "supervision stacks): use jd.engine=gramian"
             )
+
+
+def check_autogram_fits(modules: Sequence[nn.Module], run_forwards: Callable[[], object]) -> None:
+    """Refuse ``jd.engine=autogram`` before training when ``run_forwards`` (one optimizer step's
+    forwards, e.g. on a single sample) uses a hooked module more than once: raises ``ValueError``."""
+    counter = ForwardCounter(modules)
+    try:
+        run_forwards()
+        counter.check_single_use()
+    finally:
+        counter.remove()
 
 
 def autogram_update(

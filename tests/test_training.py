@@ -188,3 +188,49 @@ def test_aggregator_kwargs_take_a_dict_from_the_command_line() -> None:
     quadprog = compose(["jd.split=iwrm_with_q_halt_in", "jd.aggregator_kwargs={projector: {solver: quadprog}}"])
     assert quadprog.jd.aggregator_kwargs == {"projector": {"solver": "quadprog"}}
     assert compose([]).jd.aggregator_kwargs == {}
+
+
+def test_autogram_on_the_recursive_model_is_refused_before_the_run_starts(sudoku_data: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(sudoku_data, tmp_path, **{"jd.split": "iwrm_with_q_halt_in", "jd.engine": "autogram", "max_steps": 1})
+    with pytest.raises(ConfigError, match="arch=trm with jd.split=iwrm_with_q_halt_in: jd.engine=autogram: module .* ran 2 times"):
+        run(compose(overrides))
+    assert not any(tmp_path.iterdir())  # no run directory was created
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, **{"arch": "transformer", "jd.split": "iwrm_with_q_halt_in", "jd.engine": "autogram", "max_steps": 2})))
+    assert summary["status"] == "finished" and summary["final_step"] == 2
+
+
+def test_a_missing_aggregator_solver_is_a_config_error(sudoku_data: Path, tmp_path: Path) -> None:
+    try:
+        import cvxpy  # noqa: F401
+
+        pytest.skip("cvxpy is installed: nothing is missing")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match=r"jd.aggregator=nash_mtl needs optional packages .* pip install 'torchjd\[nash_mtl\]'"):
+        run(compose(tiny_overrides(sudoku_data, tmp_path, **{"jd.split": "lm_loss_vs_q_halt_loss", "jd.aggregator": "nash_mtl"})))
+
+
+@pytest.mark.parametrize("arch", ["trm", "hrm", "transformer"])
+def test_every_config_key_is_in_the_yaml_so_the_command_line_can_set_it(arch: str) -> None:
+    """Hydra refuses ``key=value`` for a key its YAML lacks (it would need ``+key=value``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+    from pydantic import BaseModel
+
+    from training.config import TrainConfig
+
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
+        raw = OmegaConf.to_container(hydra_compose(config_name="cfg_pretrain", overrides=[f"arch={arch}"]), resolve=False)
+
+    def missing(model: type[BaseModel], values: dict, prefix: str) -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            key = field.alias or name
+            if key not in values:
+                found.append(prefix + key)
+            elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) and isinstance(values[key], dict):
+                found += missing(field.annotation, values[key], f"{prefix}{key}.")
+        return found
+
+    assert missing(TrainConfig, raw, "") == []

@@ -41,6 +41,7 @@ from torch import Tensor
 from dataset.common import DatasetError
 from dataset.puzzle_dataset import PuzzleDataset
 from evaluators.base import Evaluator
+from jd.autogram_engine import check_autogram_fits
 from jd.splits import validate_split
 from jd.step import build_jd_step
 from models.ema import EMA
@@ -121,7 +122,7 @@ class Trainer:
             if config.compile_enabled(dist_info.device.type) and jd_config.split != "none" and jd_config.parallel_chunk_size is None:
                 jd_config = jd_config.model_copy(update={"parallel_chunk_size": 1})  # torch.vmap cannot run a compiled backward
             self.jd_step = build_jd_step(jd_config, world_size=dist_info.world_size)
-        except ValueError as error:
+        except (ValueError, ImportError) as error:  # ImportError: an aggregator's optional solver is missing
             raise ConfigError(str(error)) from None
         self.supervision_steps = self.jd_step.split.supervision_steps(config.arch.halt_max_steps)
         # Each optimizer step reads one global batch per supervision step (micro-batches split it).
@@ -136,8 +137,10 @@ class Trainer:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         broadcast_module_(self.model, dist_info.world_size)
-        self.jd_step.attach(self.model)  # only jd.engine=autogram hooks the modules
         self.loss_head = ACTLossHead(self.model, config.arch.loss_type, differential_loss=config.jd.differential_loss)
+        if self.jd_step.engine == "autogram":
+            self._check_autogram(meta.seq_len)
+        self.jd_step.attach(self.model)  # only jd.engine=autogram hooks the modules
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_adam_atan2(self.params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
         embeddings = [self.model.puzzle_embedding] if self.model.puzzle_embedding is not None else []
@@ -189,6 +192,29 @@ class Trainer:
             if dist_info.is_main
             else None
         )
+
+    def _check_autogram(self, seq_len: int) -> None:
+        """``jd.engine=autogram`` cannot differentiate a module used twice per backward (the TRM's
+        recursion, supervision stacks): find out on one sample before training starts."""
+        sample = {
+            "inputs": torch.zeros(1, seq_len, dtype=torch.long, device=self.dist.device),
+            "labels": torch.zeros(1, seq_len, dtype=torch.long, device=self.dist.device),
+            "puzzle_identifiers": torch.zeros(1, dtype=torch.long, device=self.dist.device),
+        }
+
+        def one_step_of_forwards() -> None:
+            carry = self.loss_head.initial_carry(sample)
+            for _ in range(self.supervision_steps):
+                carry = self.loss_head(carry, sample, global_batch_size=1, keep_cycle_logits=self.jd_step.split.needs_cycle_logits)[0]
+
+        try:
+            with preserved_rng():
+                check_autogram_fits([self.model], one_step_of_forwards)
+        except ValueError as error:
+            raise ConfigError(f"arch={self.config.arch.name} with jd.split={self.config.jd.split}: {error}") from None
+        finally:
+            if self.model.puzzle_embedding is not None:
+                self.model.puzzle_embedding.clear_pending()
 
     def _load_data(self, epochs_per_iter: int) -> tuple[PuzzleDataset, PuzzleDataset]:
         config = self.config
