@@ -268,8 +268,9 @@ def _arc_grid_note(tokens: np.ndarray, target: np.ndarray) -> str:
     return ""
 
 
-def render_recursion(example: Example, steps: Sequence[StepPrediction], out_path: Path, title: str, dpi: int = 120) -> Path:
+def render_recursion(example: Example, steps: Sequence[StepPrediction], out_path: Path | str, title: str, dpi: int = 120) -> Path:
     """Draw input, every step's answer and the target into one PNG at ``out_path``; return the path."""
+    out_path = Path(out_path)
     metadata = example.metadata
     grid_rows, grid_cols = metadata.grid_shape
     inputs = example.batch["inputs"][0].numpy()

@@ -111,13 +111,13 @@ def read_checkpoint(checkpoint_or_run: str | Path) -> tuple[Path, dict[str, Any]
     return path, state, config, sizes
 
 
-def load_for_evaluation(checkpoint_or_run: str | Path, device: torch.device, use_ema: bool | None = None) -> LoadedCheckpoint:
-    """Rebuild the checkpoint's model on ``device`` in eval mode.
+def load_for_evaluation(checkpoint_or_run: str | Path, device: torch.device | str, use_ema: bool | None = None) -> LoadedCheckpoint:
+    """Rebuild the checkpoint's model on ``device`` (``"cpu"``, ``"cuda"``, a ``torch.device``) in eval mode.
 
     ``use_ema``: ``None`` takes the averaged weights when the checkpoint has them (what the trainer
     evaluates), ``True`` requires them, ``False`` takes the live training weights.
     """
-    return model_from_checkpoint(*read_checkpoint(checkpoint_or_run), device=device, use_ema=use_ema)
+    return model_from_checkpoint(*read_checkpoint(checkpoint_or_run), device=torch.device(device), use_ema=use_ema)
 
 
 def model_from_checkpoint(

@@ -157,7 +157,7 @@ def _wider_vocabulary(sudoku_data: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ("missing", "no such file or run directory"),
+        ("missing", "no such checkpoint file or run directory"),
         ("garbage", "unreadable checkpoint"),
         ("empty_run_dir", "no checkpoint"),
         ("sudoku6", "seq_len 36 (the checkpoint's model takes 16)"),
@@ -247,7 +247,7 @@ def test_example_loading_matches_the_loader(sudoku_data: Path, arc_data: Path) -
 
 
 def test_trace_equals_the_models_step_by_step_outputs(runs: dict[str, Path], sudoku_data: Path) -> None:
-    loaded = load_for_evaluation(runs["ema"], CPU)
+    loaded = load_for_evaluation(str(runs["ema"]), "cpu")  # plain strings, as in the README
     data = PuzzleDataset([sudoku_data], "test", 24)
     batch = next(iter(data.test_batches()))
     carry = loaded.loss_head.initial_carry(batch)
@@ -318,7 +318,7 @@ def test_render_a_maze_with_a_freshly_built_model(tmp_path: Path) -> None:
     example = load_example(path, "test", 0)
     steps = trace_recursion(model, example.batch)
     assert len(steps) == 3 and all(step.tokens.shape == (49,) for step in steps)
-    assert _is_png(render_recursion(example, steps, tmp_path / "maze.png", "maze"))
+    assert _is_png(render_recursion(example, steps, str(tmp_path / "maze.png"), "maze"))
 
 
 @pytest.mark.parametrize(

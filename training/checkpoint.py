@@ -77,7 +77,7 @@ def resolve_checkpoint(path_or_run: str | Path) -> Path:
             raise CheckpointError(f"no checkpoint (checkpoints/step_*.pt) under {path}")
         return found[-1]
     if not path.is_file():
-        raise CheckpointError(f"load_checkpoint={path}: no such file or run directory")
+        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
     return path
 
 

@@ -101,7 +101,10 @@ def plan_run(config: TrainConfig, elastic: ElasticInfo) -> RunPlan:
     if config.run_dir and config.run_name:
         raise ConfigError(f"give run_dir={config.run_dir} or run_name={config.run_name}, not both")
     own_dir = planned_run_dir(config, elastic)
-    source = resolve_checkpoint(config.load_checkpoint) if config.load_checkpoint else None
+    try:
+        source = resolve_checkpoint(config.load_checkpoint) if config.load_checkpoint else None
+    except CheckpointError as error:
+        raise CheckpointError(f"load_checkpoint: {error}") from None
     source_run = run_dir_of(source) if source is not None else None
     target = own_dir if own_dir is not None else source_run
 
