@@ -6,15 +6,25 @@
 
 Every variant runs warm-up steps, then timed optimizer steps (forward of every supervision step, the
 JD/GD backward, the reductions and both optimizers), on the same model and synthetic batch. It prints
-and writes (JSON and Markdown) per variant: objectives ``m``, median ms/step, ratio to GD in the same
-process, peak CUDA memory and its ratio to GD. A supervision stack of ``K`` steps is compared with
-``K`` GD steps (``gd_equivalent_steps``), since that is the work it replaces.
+and writes (JSON and Markdown) per variant: objectives ``m``, median ms/step, ratio to GD, peak memory
+and its ratio to GD. A supervision stack of ``K`` steps is compared with ``K`` GD steps, since that is
+the work it replaces.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the variant's steps (model, optimizer
+states, activations, Jacobians), with every variant in the benchmark's process. On CPU every variant
+runs in a fresh process (``--isolate``, the default there) and the figure is how far that process's
+peak resident memory grew from before the model was built: the same quantities, plus allocator slack.
+
+``--projector-sizes 32,96`` also times the dual-cone projections of UPGrad (``m`` quadratic programs
+on an ``m x m`` Gramian) with TorchJD's quadprog projector and with this project's pivoting one.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
@@ -28,6 +38,7 @@ import torch
 
 from jd.config import JDConfig
 from jd.step import build_jd_step
+from jd.projector import PivotingProjector
 from models.losses import ACTLossHead
 from models.optimizers import make_adam_atan2
 from models.recursive_reasoning.config import ArchConfig
@@ -51,10 +62,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lm_vs_halt": dict(split="lm_loss_vs_q_halt_loss"),
     "iwrm": dict(split="iwrm_with_q_halt_in"),
     "pixelwise_10": dict(split="pixelwise_q_halt_in", n_groups=10),
+    "pixelwise_10_sequential": dict(split="pixelwise_q_halt_in", n_groups=10, parallel_chunk_size=1),
     "stack_internal": dict(split="stack_internal_and_sum"),
     "stack_supervisions": dict(split="stack_supervisions_and_sum"),
     "stack_supervisions_iwrm": dict(split="stack_supervisions_and_iwrm"),
 }
+
+
+MEMORY_NOTES: dict[str, str] = {
+    "pixelwise_10": "torch.vmap back-propagates the 10 Jacobian rows together, holding 10 rows' intermediate gradients "
+    "at once; jd.parallel_chunk_size=1 back-propagates them one at a time (pixelwise_10_sequential), as the trainer "
+    "does with torch.compile",
+    "stack_supervisions_iwrm": "the K supervision steps' graphs stay alive until the one JD backward (GD frees each "
+    "step's graph after its own backward), and the per-sample gradients of all K x B objectives are held together",
+    "stack_supervisions": "the K supervision steps' graphs stay alive until the one backward of their sum; GD frees each step's "
+    "graph after its own backward",
+}
+"""Why a variant's memory can exceed twice GD's; printed under the table when it does."""
 
 
 @dataclass
@@ -67,7 +91,7 @@ class Result:
     supervision_steps: int
     median_ms: float
     ratio_to_gd: float | None = None
-    peak_mem_gib: float | None = None
+    peak_mem_mib: float | None = None
     mem_ratio_to_gd: float | None = None
     gd_similarity: float | None = None
     error: str | None = None
@@ -87,9 +111,26 @@ def synthetic_batch(preset: dict[str, Any], device: torch.device, seed: int = 0)
 
 
 def run_variant(
-    name: str, preset: dict[str, Any], jd_values: dict[str, Any], *, device: torch.device, compile_model: bool, warmup: int, steps: int
+    name: str,
+    preset: dict[str, Any],
+    jd_values: dict[str, Any],
+    *,
+    device: torch.device,
+    compile_model: bool,
+    warmup: int,
+    steps: int,
+    prime: bool = False,
 ) -> Result:
-    """Time ``steps`` optimizer steps of one variant after ``warmup`` untimed ones."""
+    """Time ``steps`` optimizer steps of one variant after ``warmup`` untimed ones.
+
+    ``prime``: first run the variant once at batch size 2, so that what PyTorch and TorchJD load or
+    start on first use (modules, thread pools, kernel libraries) is not counted in its CPU peak memory.
+    """
+    if prime:
+        small = {**preset, "batch_size": 2}
+        run_variant(name, small, jd_values, device=device, compile_model=compile_model, warmup=0, steps=1)
+        gc.collect()
+    resident_before = _peak_resident_mib()
     torch.manual_seed(0)
     arch = ArchConfig(**preset["arch"])
     if compile_model and jd_values.get("split", "none") != "none":
@@ -132,7 +173,7 @@ def run_variant(
             torch.cuda.synchronize()
         if index >= warmup:
             times.append((time.perf_counter() - started) * 1000)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_resident_mib() - resident_before
     return Result(
         variant=name,
         split=jd_config.split,
@@ -141,18 +182,76 @@ def run_variant(
         objectives=int(last_metrics.get("jd/num_objectives", 1)),
         supervision_steps=supervision,
         median_ms=statistics.median(times),
-        peak_mem_gib=peak,
+        peak_mem_mib=peak,
         gd_similarity=last_metrics.get("jd/gd_similarity"),
         step_ms=[round(t, 2) for t in times],
     )
 
 
-def to_markdown(results: list[Result], header: dict[str, Any]) -> str:
+def _peak_resident_mib() -> float:
+    """This process's peak resident memory so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _variant_in_child(queue: Any, name: str, preset: dict[str, Any], jd_values: dict[str, Any], options: dict[str, Any]) -> None:
+    """Entry point of an isolated variant (``--isolate``): run it and send back its result or error."""
+    try:
+        queue.put(run_variant(name, preset, jd_values, prime=options["device"].type == "cpu", **options))
+    except Exception as error:  # noqa: BLE001 - reported by the parent like an in-process failure
+        queue.put(f"{type(error).__name__}: {error}".splitlines()[0])
+
+
+def run_isolated(name: str, preset: dict[str, Any], jd_values: dict[str, Any], **options: Any) -> Result:
+    """:func:`run_variant` in a fresh process, so that its peak memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_variant_in_child, args=(queue, name, preset, jd_values, options))
+    process.start()
+    try:
+        outcome = queue.get()
+    finally:
+        process.join()
+    if isinstance(outcome, str):
+        raise RuntimeError(outcome)
+    return outcome
+
+
+def time_projectors(sizes: list[int], device: torch.device, repeats: int = 5) -> list[dict[str, Any]]:
+    """Median ms of UPGrad's ``m`` dual-cone projections with each solver, on the Gramian of a seeded
+    ``[m, 2048]`` Jacobian whose first third of rows conflicts with the rest."""
+    from torchjd.linalg import QuadprogProjector
+
+    rows = []
+    for m in sizes:
+        generator = torch.Generator().manual_seed(m)
+        jacobian = torch.randn(m, 2048, generator=generator) + 0.3 * torch.randn(2048, generator=generator)
+        jacobian[: m // 3] *= -0.5
+        gramian = (jacobian @ jacobian.T).to(device)
+        lower = torch.diag(torch.full((m,), 1.0 / m, device=device))
+        row: dict[str, Any] = {"m": m}
+        for label, projector in (("quadprog_ms", QuadprogProjector()), ("pivoting_ms", PivotingProjector())):
+            times = []
+            for _ in range(repeats + 1):
+                started = time.perf_counter()
+                projector(lower, gramian)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - started) * 1000)
+            row[label] = statistics.median(times[1:])
+        row["speedup"] = row["quadprog_ms"] / row["pivoting_ms"]
+        rows.append(row)
+    return rows
+
+
+def to_markdown(results: list[Result], header: dict[str, Any], projectors: list[dict[str, Any]] | None = None) -> str:
     lines = [
         f"Benchmark: preset `{header['preset']}`, {header['device_name']}, compile={header['compile']}, "
         f"batch {header['batch_size']}, median of {header['steps']} steps after {header['warmup']} warm-up.",
         "",
-        "| variant | split | engine | m | ms/step | x GD | peak GiB | mem x GD | GD similarity |",
+        "| variant | split | engine | m | ms/step | x GD | peak MiB | mem x GD | GD similarity |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -162,18 +261,25 @@ def to_markdown(results: list[Result], header: dict[str, Any]) -> str:
         fmt = lambda v, d=2: "" if v is None else f"{v:.{d}f}"  # noqa: E731
         lines.append(
             f"| {r.variant} | {r.split} | {r.engine} | {r.objectives} | {r.median_ms:.1f} | {fmt(r.ratio_to_gd)} | "
-            f"{fmt(r.peak_mem_gib)} | {fmt(r.mem_ratio_to_gd)} | {fmt(r.gd_similarity, 4)} |"
+            f"{fmt(r.peak_mem_mib, 0)} | {fmt(r.mem_ratio_to_gd)} | {fmt(r.gd_similarity, 4)} |"
         )
     lines.append("")
-    lines.append("Ratios of a supervision stack of K steps are to K GD steps (the work it replaces).")
+    lines.append("Ratios of a supervision stack of K steps are to K GD steps (the work it replaces). " + header["memory"])
+    for r in results:
+        base = r.variant.split("[")[0]
+        if r.mem_ratio_to_gd is not None and r.mem_ratio_to_gd > 2 and base in MEMORY_NOTES:
+            lines.append(f"- {r.variant} uses {r.mem_ratio_to_gd:.1f}x GD's memory: {MEMORY_NOTES[base]}.")
+    if projectors:
+        lines += ["", "UPGrad's m dual-cone projections (median ms):", "", "| m | quadprog (TorchJD) | pivoting (jd.projector) | speed-up |", "|---:|---:|---:|---:|"]
+        lines += [f"| {p['m']} | {p['quadprog_ms']:.1f} | {p['pivoting_ms']:.1f} | {p['speedup']:.1f}x |" for p in projectors]
     return "\n".join(lines) + "\n"
 
 
-def _write(out_json: Path, out_md: Path, header: dict[str, Any], results: list[Result]) -> None:
+def _write(out_json: Path, out_md: Path, header: dict[str, Any], results: list[Result], projectors: list[dict[str, Any]]) -> None:
     """Write what has been measured so far (a run cut short keeps its finished variants)."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"header": header, "results": [asdict(r) for r in results]}, indent=2))
-    out_md.write_text(to_markdown(results, header))
+    out_json.write_text(json.dumps({"header": header, "results": [asdict(r) for r in results], "projectors": projectors}, indent=2))
+    out_md.write_text(to_markdown(results, header, projectors))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA, off for CPU")
+    parser.add_argument(
+        "--isolate", action=argparse.BooleanOptionalAction, default=None, help="each variant in a fresh process (default: on for CPU, where it measures peak memory)"
+    )
+    parser.add_argument("--projector-sizes", default="", help="comma-separated m: also time UPGrad's projections with both solvers")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
     parser.add_argument("--engines", default="auto", help="comma-separated jd.engine values to try for JD variants")
     parser.add_argument("--aggregator", default="upgrad")
@@ -198,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     compile_model = device.type == "cuda" if args.compile is None else args.compile
+    isolate = device.type == "cpu" if args.isolate is None else args.isolate
+    try:
+        projector_sizes = [int(size) for size in args.projector_sizes.split(",") if size]
+    except ValueError:
+        parser.error(f"--projector-sizes {args.projector_sizes!r}: expected comma-separated integers such as 32,96")
     preset = dict(PRESETS[args.preset])
     if args.batch_size:
         preset["batch_size"] = args.batch_size
@@ -217,9 +332,18 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "torch": torch.__version__,
+        "isolated": isolate,
+        "memory": (
+            "Peak memory: torch.cuda.max_memory_allocated."
+            if device.type == "cuda"
+            else "Peak memory: growth of peak resident memory (ru_maxrss) of a fresh process per variant from before the model was built."
+            if isolate
+            else "Peak memory: not measured on CPU without --isolate."
+        ),
         "command": "python -m analysis.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     results: list[Result] = []
+    projectors: list[dict[str, Any]] = []
     gd: Result | None = None
     names = args.variants.split(",")
     if "gd" in names:
@@ -232,25 +356,31 @@ def main(argv: list[str] | None = None) -> int:
             if name != "gd":
                 values.update(aggregator=args.aggregator, engine=engine)
             label = name if len(engines) == 1 else f"{name}[{engine}]"
+            options = dict(device=device, compile_model=compile_model, warmup=args.warmup, steps=args.steps)
             try:
-                result = run_variant(label, preset, values, device=device, compile_model=compile_model, warmup=args.warmup, steps=args.steps)
+                result = (run_isolated if isolate else run_variant)(label, preset, values, **options)
             except Exception as error:  # noqa: BLE001 - a failing variant is reported, the others still run
                 result = Result(label, values["split"], args.aggregator, engine, 0, 1, float("nan"), error=f"{type(error).__name__}: {error}".splitlines()[0])
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if not isolate and device.type == "cpu":
+                result.peak_mem_mib = None  # the process's peak so far, not this variant's
             if name == "gd":
                 gd = result
             if gd is not None and not result.error and not gd.error:
                 k = result.supervision_steps
                 result.ratio_to_gd = result.median_ms / (k * gd.median_ms)
-                if result.peak_mem_gib is not None and gd.peak_mem_gib:
-                    result.mem_ratio_to_gd = result.peak_mem_gib / gd.peak_mem_gib
+                if result.peak_mem_mib is not None and gd.peak_mem_mib:
+                    result.mem_ratio_to_gd = result.peak_mem_mib / gd.peak_mem_mib
             results.append(result)
-            _write(out_json, out_md, header, results)
+            _write(out_json, out_md, header, results, projectors)
             shown = "failed: " + result.error if result.error else f"{result.median_ms:.1f} ms/step" + (f" ({result.ratio_to_gd:.2f}x GD)" if result.ratio_to_gd else "")
             print(f"{label:32s} m={result.objectives:<5d} {shown}", flush=True)
 
-    print("\n" + to_markdown(results, header))
+    if projector_sizes:
+        projectors = time_projectors(projector_sizes, device)
+        _write(out_json, out_md, header, results, projectors)
+    print("\n" + to_markdown(results, header, projectors))
     print(f"wrote {out_json} and {out_md}")
     return 0
 
