@@ -142,7 +142,8 @@ class JDStep:
         if self.engine == "per_sample" and not per_sample_ok:
             raise ValueError(
                 f"jd.engine=per_sample needs a split among {sorted(PER_SAMPLE_SPLITS)}, a Gramian-weighted aggregator "
-                f"and a single process or jd.distributed=local (got jd.split={split.name}, jd.aggregator={config.aggregator}); "
+                "and no global aggregation (a single process, or jd.distributed=local with a per-instance split) "
+                f"(got jd.split={split.name}, jd.aggregator={config.aggregator}, {self.world_size} process(es)); "
                 "use jd.engine=auto"
             )
         if self.engine in ("gramian", "autogram") and not gramian_capable:
