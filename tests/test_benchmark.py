@@ -27,6 +27,7 @@ def test_tiny_benchmark_writes_every_figure(tmp_path: Path, capsys: pytest.Captu
     assert report["projectors"][0]["m"] == 6 and report["projectors"][0]["pivoting_ms"] > 0
     markdown = (tmp_path / "benchmark-tiny-cpu-eager.md").read_text()
     assert "| iwrm[auto] | iwrm_with_q_halt_in | per_sample | 4 |" in markdown
+    assert all(row["min_ms"] <= row["median_ms"] for row in rows.values())
     assert "wrote" in capsys.readouterr().out
 
 
