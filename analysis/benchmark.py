@@ -128,6 +128,9 @@ def run_variant(
     ``prime``: first run the variant once at batch size 2, so that what PyTorch and TorchJD load or
     start on first use (modules, thread pools, kernel libraries) is not counted in its CPU peak memory.
     """
+    # torch.vmap's per-row fallback for the CPU attention backward is why the gramian engine is slow on
+    # CPU; the table shows its cost, the warning repeated for every variant would bury the table.
+    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
     if prime:
         small = {**preset, "batch_size": 2}
         run_variant(name, small, jd_values, device=device, compile_model=compile_model, warmup=0, steps=1)
@@ -286,9 +289,6 @@ def _write(out_json: Path, out_md: Path, header: dict[str, Any], results: list[R
 
 
 def main(argv: list[str] | None = None) -> int:
-    # torch.vmap's per-row fallback for the CPU attention backward is why the gramian engine is slow on
-    # CPU; the table shows its cost, the repeated warning would bury the table.
-    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
