@@ -43,7 +43,7 @@ from jd.projector import PivotingProjector
 from models.losses import ACTLossHead
 from models.optimizers import make_adam_atan2
 from models.recursive_reasoning.config import ArchConfig
-from models.registry import build_model
+from models.registry import build_model, compile_core
 from models.sparse_embedding import SignSGDSparseEmbedding
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -144,9 +144,7 @@ def run_variant(
     jd_step = build_jd_step(jd_config)
     model = build_model(arch, seq_len=preset["seq_len"], vocab_size=preset["vocab_size"], num_puzzle_identifiers=preset["num_puzzles"], device=device)
     if compile_model:
-        if jd_config.split != "none":
-            torch._functorch.config.donated_buffer = False
-        model.core.compile()
+        compile_core(model, repeated_backward=jd_config.split != "none")
     head = ACTLossHead(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_adam_atan2(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)

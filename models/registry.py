@@ -36,3 +36,17 @@ def build_model(config: ArchConfig, *, seq_len: int, vocab_size: int, num_puzzle
     core = CORES[config.name](config, seq_len, vocab_size)
     model = ACTModel(config, core, seq_len, vocab_size, num_puzzle_identifiers)
     return model.to(device)
+
+
+def compile_core(model: ACTModel, *, repeated_backward: bool) -> None:
+    """Compile the model's recursive core with ``torch.compile``, in place (state-dict keys unchanged).
+
+    ``repeated_backward``: Jacobian descent back-propagates one graph more than once (once per Jacobian
+    row or loss channel), which AOTAutograd's donated buffers forbid, so they are switched off; this
+    is a process-wide PyTorch setting.
+    """
+    if repeated_backward:
+        import torch._functorch.config as functorch_config  # not loaded by `import torch`
+
+        functorch_config.donated_buffer = False
+    model.core.compile()

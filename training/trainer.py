@@ -49,7 +49,7 @@ from models.loss_terms import LossTerms
 from models.losses import ACTLossHead
 from models.optimizers import cosine_schedule_with_warmup, make_adam_atan2
 from models.recursive_reasoning.act import ACTCarry
-from models.registry import build_model
+from models.registry import build_model, compile_core
 from models.sparse_embedding import SignSGDSparseEmbedding
 from training.atomic import atomic_write_text
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
@@ -151,9 +151,7 @@ class Trainer:
         )
         self.ema = EMA(self.model, config.ema_rate) if config.ema else None
         if config.compile_enabled(dist_info.device.type):
-            if config.jd.split != "none":
-                torch._functorch.config.donated_buffer = False  # JD back-propagates the same graph more than once
-            self.model.core.compile()
+            compile_core(self.model, repeated_backward=config.jd.split != "none")
         try:
             self.evaluators: list[Evaluator] = build_evaluators(config.evaluators, config.eval_paths)
         except DatasetError:
