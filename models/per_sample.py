@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch
+import torch  # noqa: F401 - the docstring example uses it
 from torch import Tensor, nn
 
 from models.layers import CastedEmbedding, CastedLinear
