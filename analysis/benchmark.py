@@ -63,7 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lm_vs_halt": dict(split="lm_loss_vs_q_halt_loss"),
     "iwrm": dict(split="iwrm_with_q_halt_in"),
     "pixelwise_10": dict(split="pixelwise_q_halt_in", n_groups=10),
-    "pixelwise_10_sequential": dict(split="pixelwise_q_halt_in", n_groups=10, parallel_chunk_size=1),
+    "pixelwise_10_vmap": dict(split="pixelwise_q_halt_in", n_groups=10, parallel_chunk_size=None),
     "stack_internal": dict(split="stack_internal_and_sum"),
     "stack_supervisions": dict(split="stack_supervisions_and_sum"),
     "stack_supervisions_iwrm": dict(split="stack_supervisions_and_iwrm"),
@@ -71,9 +71,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 MEMORY_NOTES: dict[str, str] = {
-    "pixelwise_10": "torch.vmap back-propagates the 10 Jacobian rows together, holding 10 rows' intermediate gradients "
-    "at once; jd.parallel_chunk_size=1 back-propagates them one at a time (pixelwise_10_sequential), as the trainer "
-    "does with torch.compile",
+    "pixelwise_10_vmap": "torch.vmap back-propagates the 10 Jacobian rows together, holding 10 rows' intermediate "
+    "gradients at once; the default jd.parallel_chunk_size=1 back-propagates them one at a time (pixelwise_10)",
     "stack_supervisions_iwrm": "the K supervision steps' graphs stay alive until the one JD backward (GD frees each "
     "step's graph after its own backward), and the per-sample gradients of all K x B objectives are held together",
     "stack_supervisions": "the K supervision steps' graphs stay alive until the one backward of their sum; GD frees each step's "
@@ -138,8 +137,8 @@ def run_variant(
     resident_before = _peak_resident_mib()
     torch.manual_seed(0)
     arch = ArchConfig(**preset["arch"])
-    if compile_model and jd_values.get("split", "none") != "none":
-        jd_values = {**jd_values, "parallel_chunk_size": 1}  # torch.vmap cannot run a compiled backward
+    if compile_model and jd_values.get("split", "none") != "none" and jd_values.get("parallel_chunk_size", 1) != 1:
+        raise ValueError("torch.vmap (jd.parallel_chunk_size != 1) cannot run a compiled backward")
     jd_config = JDConfig(**{"aggregator": "upgrad", **jd_values})
     jd_step = build_jd_step(jd_config)
     model = build_model(arch, seq_len=preset["seq_len"], vocab_size=preset["vocab_size"], num_puzzle_identifiers=preset["num_puzzles"], device=device)

@@ -29,7 +29,10 @@ class JDConfig(BaseModel):
     diagnostics: bool = True
     seed: int = Field(default=0, description="seed of the JD step's own generator (jd.n_groups bucketing)")
     parallel_chunk_size: int | None = Field(
-        default=None, ge=1, description="Jacobian rows differentiated at once (None: all, with torch.vmap; 1: no vmap)"
+        default=1,
+        ge=1,
+        description="Jacobian rows differentiated at once: 1 (one backward per row, GD-like memory; works compiled), "
+        "k > 1 or None (all) batch them with torch.vmap, holding k rows' intermediate gradients at once",
     )
 
     @field_validator("aggregator_kwargs", mode="before")

@@ -14,14 +14,22 @@ from tests.test_models import BATCH, PUZZLES, SEQ, VOCAB, make_batch
 
 
 def engine_gradients(
-    split: str, aggregator: str, engine: str, n_groups: int | None = None, include_rows: bool = True, forward_dtype: str = "float32"
+    split: str,
+    aggregator: str,
+    engine: str,
+    n_groups: int | None = None,
+    include_rows: bool = True,
+    forward_dtype: str = "float32",
+    parallel_chunk_size: int | None = 1,
 ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Run the same supervision steps through one engine; return the parameter and puzzle-row gradients."""
     torch.manual_seed(0)
     arch = tiny_arch(halt_max_steps=3, halt_exploration_prob=0.0, forward_dtype=forward_dtype)
     model = build_model(arch, seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=PUZZLES, device=torch.device("cpu"))
     head = ACTLossHead(model)
-    config = JDConfig(split=split, aggregator=aggregator, engine=engine, n_groups=n_groups, include_puzzle_embedding=include_rows)
+    config = JDConfig(
+        split=split, aggregator=aggregator, engine=engine, n_groups=n_groups, include_puzzle_embedding=include_rows, parallel_chunk_size=parallel_chunk_size
+    )
     step = build_jd_step(config)
     params = [p for p in model.parameters() if p.requires_grad]
     carry = None
@@ -79,6 +87,16 @@ def test_non_gramian_aggregator_through_autojac_matches_gramian_with_mean(split:
     b, _ = engine_gradients(split, "mean", "gramian", n_groups=4 if split.startswith("pixel") else None)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("split", "engine"), [("pixelwise_q_halt_in", "gramian"), ("lm_loss_vs_q_halt_loss", "autojac"), ("iwrm_with_q_halt_out", "gramian")])
+def test_rows_batched_with_vmap_give_the_row_by_row_gradients(split: str, engine: str) -> None:
+    aggregator = "upgrad" if engine == "gramian" else "graddrop"
+    one_by_one, _ = engine_gradients(split, aggregator, engine, n_groups=4 if split.startswith("pixel") else None)
+    for chunk in (None, 3):
+        batched, _ = engine_gradients(split, aggregator, engine, n_groups=4 if split.startswith("pixel") else None, parallel_chunk_size=chunk)
+        for a, b in zip(batched, one_by_one):
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-6)
 
 
 def test_per_sample_engine_refuses_splits_it_cannot_do() -> None:

@@ -234,3 +234,10 @@ def test_every_config_key_is_in_the_yaml_so_the_command_line_can_set_it(arch: st
         return found
 
     assert missing(TrainConfig, raw, "") == []
+
+
+def test_vmap_rows_with_a_compiled_model_are_refused_before_compute(sudoku_data: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(sudoku_data, tmp_path, **{"compile": "true", "jd.split": "pixelwise_q_halt_in", "jd.parallel_chunk_size": "null"})
+    with pytest.raises(ConfigError, match=r"jd.parallel_chunk_size=None batches Jacobian rows with torch.vmap, which cannot run a compiled backward"):
+        run(compose(overrides))
+    assert not any(tmp_path.iterdir())

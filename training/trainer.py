@@ -119,8 +119,11 @@ class Trainer:
                 seq_len=meta.seq_len,
             )
             jd_config = config.jd
-            if config.compile_enabled(dist_info.device.type) and jd_config.split != "none" and jd_config.parallel_chunk_size is None:
-                jd_config = jd_config.model_copy(update={"parallel_chunk_size": 1})  # torch.vmap cannot run a compiled backward
+            if config.compile_enabled(dist_info.device.type) and jd_config.split != "none" and jd_config.parallel_chunk_size != 1:
+                raise ConfigError(
+                    f"jd.parallel_chunk_size={jd_config.parallel_chunk_size} batches Jacobian rows with torch.vmap, which cannot run "
+                    "a compiled backward; use jd.parallel_chunk_size=1 (the default) or compile=false"
+                )
             self.jd_step = build_jd_step(jd_config, world_size=dist_info.world_size)
         except (ValueError, ImportError) as error:  # ImportError: an aggregator's optional solver is missing
             raise ConfigError(str(error)) from None
