@@ -130,8 +130,8 @@ def run_variant(
     ``prime``: first run the variant once at batch size 2, so that what PyTorch and TorchJD load or
     start on first use (modules, thread pools, kernel libraries) is not counted in its CPU peak memory.
     """
-    # torch.vmap's per-row fallback for the CPU attention backward is why the gramian engine is slow on
-    # CPU; the table shows its cost, the warning repeated for every variant would bury the table.
+    # torch.vmap falls back to a per-row loop for the CPU attention backward (pixelwise_10_vmap); the
+    # table shows its cost, the warning repeated for every variant would bury the table.
     warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
     if prime:
         small = {**preset, "batch_size": 2}
@@ -140,9 +140,9 @@ def run_variant(
     resident_before = _peak_resident_mib()
     torch.manual_seed(0)
     arch = ArchConfig(**preset["arch"])
-    if compile_model and jd_values.get("split", "none") != "none" and jd_values.get("parallel_chunk_size", 1) != 1:
-        raise ValueError("torch.vmap (jd.parallel_chunk_size != 1) cannot run a compiled backward")
     jd_config = JDConfig(**{"aggregator": "upgrad", **jd_values})
+    if compile_model:
+        jd_config.check_compilable()
     jd_step = build_jd_step(jd_config)
     model = build_model(arch, seq_len=preset["seq_len"], vocab_size=preset["vocab_size"], num_puzzle_identifiers=preset["num_puzzles"], device=device)
     if compile_model:

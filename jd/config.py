@@ -39,3 +39,12 @@ class JDConfig(BaseModel):
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    def check_compilable(self) -> None:
+        """Raise ``ValueError`` if a ``torch.compile``-d model cannot run this config: ``torch.vmap``
+        (``parallel_chunk_size`` other than 1) cannot run a compiled backward."""
+        if self.split != "none" and self.parallel_chunk_size != 1:
+            raise ValueError(
+                f"jd.parallel_chunk_size={self.parallel_chunk_size} batches Jacobian rows with torch.vmap, which cannot run "
+                "a compiled backward; use jd.parallel_chunk_size=1 (the default) or compile=false"
+            )

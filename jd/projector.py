@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchjd.linalg import DualConeProjector
+from torchjd.linalg import DualConeProjector, QuadprogProjector
 
 _BACKUP_ROUNDS = 3  # full exchanges allowed without progress before single swaps (Judice and Pires' p)
 _RELATIVE_TOLERANCE = 1e-10
@@ -77,8 +77,6 @@ class PivotingProjector(DualConeProjector):
         return weights.reshape(U.shape).to(G.dtype)
 
     def _fallback(self, lower: Tensor, G: Tensor) -> Tensor:
-        from torchjd.linalg import QuadprogProjector
-
         return QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps)(lower, G).to(torch.float64)
 
 

@@ -118,13 +118,9 @@ class Trainer:
                 batch_size=self.micro_batch,
                 seq_len=meta.seq_len,
             )
-            jd_config = config.jd
-            if config.compile_enabled(dist_info.device.type) and jd_config.split != "none" and jd_config.parallel_chunk_size != 1:
-                raise ConfigError(
-                    f"jd.parallel_chunk_size={jd_config.parallel_chunk_size} batches Jacobian rows with torch.vmap, which cannot run "
-                    "a compiled backward; use jd.parallel_chunk_size=1 (the default) or compile=false"
-                )
-            self.jd_step = build_jd_step(jd_config, world_size=dist_info.world_size)
+            if config.compile_enabled(dist_info.device.type):
+                config.jd.check_compilable()
+            self.jd_step = build_jd_step(config.jd, world_size=dist_info.world_size)
         except (ValueError, ImportError) as error:  # ImportError: an aggregator's optional solver is missing
             raise ConfigError(str(error)) from None
         self.supervision_steps = self.jd_step.split.supervision_steps(config.arch.halt_max_steps)
