@@ -43,6 +43,7 @@ from evaluators.run import (  # noqa: E402
     check_dataset_fits,
     model_from_checkpoint,
     numbered_free_path,
+    parse_overrides,
     read_checkpoint,
     run_dir_of,
 )
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: when the checkpoint has them)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dpi", type=int, default=120)
+    parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="reference checkpoints: a config value (e.g. arch.num_heads=8)")
     return parser
 
 
@@ -359,7 +361,7 @@ def _device(choice: str) -> torch.device:
 
 def visualize(args: argparse.Namespace) -> Path:
     """Validate the arguments, trace the recursion and write the PNG; return its path."""
-    path, state, config, sizes = read_checkpoint(args.checkpoint)
+    path, state, config, sizes = read_checkpoint(args.checkpoint, overrides=parse_overrides(args.set), data_paths=[args.data] if args.data else None)
     step = int(state.get("step", 0))
     dataset = Path(args.data) if args.data else Path(config.eval_paths[0])
     if not args.data and len(config.eval_paths) > 1:

@@ -12,7 +12,8 @@ last batch is padded (pad tokens, labels ``IGNORE_LABEL_ID``, blank identifier, 
 Every rank takes the contiguous slice ``[rank * local_batch_size, (rank + 1) * local_batch_size)`` of
 each global batch. Several dataset folders are merged when they agree on their token format; the
 puzzle identifiers of later datasets are shifted so each keeps its own embedding rows (identifier 0,
-the blank, stays shared).
+the blank, stays shared). Folders in the reference TRM code's format load the same way, in place; each
+of their sets is one more source sharing the folder's identifiers (:mod:`dataset.reference_format`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataset.common import (
     SplitInfo,
     read_identifiers,
     read_metadata,
-    read_split,
+    read_split_parts,
 )
 from models.loss_terms import IGNORE_LABEL_ID
 
@@ -46,7 +47,7 @@ class _Source:
     path: Path
     arrays: SplitArrays
     example_offset: int  # first merged example index of this source
-    ignore_label_id: int
+    ignore_label_id: int | None
 
 
 def _merge_metadata(paths: list[Path], metadatas: list[DatasetMetadata]) -> None:
@@ -73,7 +74,7 @@ class PuzzleDataset:
     """Batches of one split of one or more merged puzzle datasets, for one rank.
 
     Args:
-        paths: dataset folders written by a ``dataset.build_*`` builder.
+        paths: dataset folders written by a ``dataset.build_*`` builder or by the reference TRM code's builders.
         split: ``"train"`` or ``"test"`` (any split the folders hold).
         global_batch_size: examples per optimizer step summed over ranks.
         rank, world_size: this process's slice of every global batch.
@@ -142,19 +143,20 @@ class PuzzleDataset:
                     f"{path}/identifiers.json: {len(identifiers)} names for num_puzzle_identifiers="
                     f"{metadata.num_puzzle_identifiers}"
                 )
-            arrays = read_split(path, self.split, metadata, mmap=True)
+            parts = read_split_parts(path, self.split, metadata, mmap=True)
             offset = 0 if not self.identifiers else len(self.identifiers) - 1
             if not self.identifiers:
                 self.identifiers = list(identifiers)
             else:
                 self.identifiers.extend(name for index, name in enumerate(identifiers) if index != blank_id)
             mapping = _identifier_map(len(identifiers), offset, blank_id)
-            puzzle_identifiers.append(mapping[arrays.puzzle_identifiers.astype(np.int64)])
-            puzzle_indices.append(arrays.puzzle_indices[1:].astype(np.int64) + examples)
-            group_indices.append(arrays.group_indices[1:].astype(np.int64) + puzzles)
-            self._sources.append(_Source(path, arrays, examples, metadata.ignore_label_id))
-            examples += arrays.inputs.shape[0]
-            puzzles += len(arrays.puzzle_identifiers)
+            for arrays in parts:  # one per reference set; sets of a folder share its identifiers
+                puzzle_identifiers.append(mapping[arrays.puzzle_identifiers.astype(np.int64)])
+                puzzle_indices.append(arrays.puzzle_indices[1:].astype(np.int64) + examples)
+                group_indices.append(arrays.group_indices[1:].astype(np.int64) + puzzles)
+                self._sources.append(_Source(path, arrays, examples, metadata.ignore_label_id))
+                examples += arrays.inputs.shape[0]
+                puzzles += len(arrays.puzzle_identifiers)
 
         self._puzzle_identifiers = np.concatenate(puzzle_identifiers)
         self._puzzle_indices = np.concatenate(puzzle_indices)
@@ -216,7 +218,9 @@ class PuzzleDataset:
                 local = indices[where] - source.example_offset
                 rows_inputs[where] = source.arrays.inputs[local]
                 source_labels = np.asarray(source.arrays.labels[local], dtype=np.int64)
-                rows_labels[where] = np.where(source_labels == source.ignore_label_id, IGNORE_LABEL_ID, source_labels)
+                if source.ignore_label_id is not None:
+                    source_labels = np.where(source_labels == source.ignore_label_id, IGNORE_LABEL_ID, source_labels)
+                rows_labels[where] = source_labels
             inputs[real] = rows_inputs
             labels[real] = rows_labels
             puzzle_of = np.searchsorted(self._puzzle_indices, indices, side="right") - 1

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dataset.arc_augment import Augmentation, parse_name, tokens_to_grid
-from dataset.common import DatasetError, read_identifiers, read_metadata
+from dataset.common import DatasetError, DatasetMetadata, read_identifiers, read_metadata, read_split_parts
 
 BLANK_SUBMISSION_GRID = [[0]]
 
@@ -89,8 +89,7 @@ class ARCEvaluator:
             raise DatasetError(f"{self.dataset_path}: ARCEvaluator needs an ARC dataset, this one is {metadata.kind!r}")
         self._identifiers = read_identifiers(self.dataset_path)
         self._test_puzzles = self._read_test_puzzles()
-        self._test_puzzle_indices = self._read_test_array("puzzle_indices")
-        self._test_puzzle_identifiers = self._read_test_array("puzzle_identifiers")
+        self._test_puzzle_indices, self._test_puzzle_identifiers = self._read_test_index(metadata)
         self._names: dict[int, tuple[str, Augmentation]] = {}
         self._predictions: dict[int, _Prediction] = {}
 
@@ -106,11 +105,13 @@ class ARCEvaluator:
             raise DatasetError(f"{path}: expected an object mapping puzzle names to puzzles")
         return puzzles
 
-    def _read_test_array(self, name: str) -> np.ndarray:
-        path = self.dataset_path / "test" / f"{name}.npy"
-        if not path.is_file():
-            raise DatasetError(f"{path} is missing (the evaluator maps test examples to puzzles with it)")
-        return np.load(path, allow_pickle=False)
+    def _read_test_index(self, metadata: DatasetMetadata) -> tuple[np.ndarray, np.ndarray]:
+        """The test split's ``puzzle_indices`` and ``puzzle_identifiers`` in the loader's example order
+        (a reference folder's sets one after the other), to map test examples to puzzles."""
+        parts = read_split_parts(self.dataset_path, "test", metadata, mmap=True)
+        examples = np.cumsum([0] + [p.inputs.shape[0] for p in parts])
+        indices = np.concatenate([[0]] + [p.puzzle_indices[1:].astype(np.int64) + examples[i] for i, p in enumerate(parts)])
+        return indices, np.concatenate([p.puzzle_identifiers.astype(np.int64) for p in parts])
 
     def _parse_identifier(self, identifier: int) -> tuple[str, Augmentation]:
         if identifier not in self._names:

@@ -5,6 +5,11 @@
     python -m evaluators.run RUN --data data/other-sudoku --no-ema --max-batches all --out results/other
     torchrun --nproc-per-node 4 -m evaluators.run RUN
 
+A reference TRM checkpoint (``checkpoint_path/step_N`` of the reference code, its HRM, or the JD study's
+fork) evaluates the same way: its config comes from ``all_config.yaml`` beside it, else from the
+weights, ``--set arch.KEY=VALUE`` and the reference's defaults; the command prints where every
+architecture value came from (:mod:`training.reference_checkpoint`).
+
 The model is rebuilt from the checkpoint's own configuration (validated as a
 :class:`training.config.TrainConfig`) and sized by the dataset sizes stored with it; its weights are
 loaded, the averaged (EMA) weights by default when the run kept them, exactly as the trainer does for
@@ -32,14 +37,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import Tensor
 
-from dataset.common import DatasetError, DatasetMetadata
+from dataset.common import DatasetError, DatasetMetadata, read_metadata
 from dataset.puzzle_dataset import PuzzleDataset
 from models.losses import ACTLossHead
 from models.recursive_reasoning.act import ACTModel
 from models.registry import build_model
-from training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint, read_state, resolve_checkpoint
+from training.reference_checkpoint import describe_sources, is_reference_state, read_reference_checkpoint
 from training.config import EVALUATOR_NAMES, ConfigError, EvaluatorConfig, TrainConfig, parse_config
 from training.distributed import DistInfo, setup_distributed, teardown_distributed
 from training.evaluation import build_evaluators, evaluate
@@ -87,13 +94,21 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def read_checkpoint(checkpoint_or_run: str | Path) -> tuple[Path, dict[str, Any], TrainConfig, DataSizes]:
-    """Resolve a checkpoint file or run directory and read it on the CPU.
+def read_checkpoint(
+    checkpoint_or_run: str | Path, *, overrides: dict[str, Any] | None = None, data_paths: list[str] | None = None
+) -> tuple[Path, dict[str, Any], TrainConfig, DataSizes]:
+    """Resolve a checkpoint file or run directory (or a reference ``step_N``) and read it on the CPU.
 
     Returns ``(path, state, config, sizes)``; raises :class:`CheckpointError` when the file is missing,
-    unreadable, or lacks a valid config or dataset sizes.
+    unreadable, or lacks a valid config or dataset sizes. ``overrides`` (dotted config keys) and
+    ``data_paths`` apply to reference checkpoints, whose config may be absent and whose data is elsewhere.
     """
     path = resolve_checkpoint(checkpoint_or_run)
+    raw = read_state(path)
+    if is_reference_state(raw):
+        return _read_reference(path, raw, overrides, data_paths)
+    if overrides:
+        raise EvalInputError(f"--set: {path} carries its own config; --set applies to reference checkpoints only")
     state = load_checkpoint(path, map_location="cpu")
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path}: the checkpoint holds no training config, so the model cannot be rebuilt")
@@ -109,6 +124,38 @@ def read_checkpoint(checkpoint_or_run: str | Path) -> tuple[Path, dict[str, Any]
             f"{path}: the checkpoint lacks its dataset sizes ('data' with seq_len, vocab_size, num_puzzle_identifiers)"
         ) from None
     return path, state, config, sizes
+
+
+def _read_reference(
+    path: Path, raw: dict[str, Tensor], overrides: dict[str, Any] | None, data_paths: list[str] | None
+) -> tuple[Path, dict[str, Any], TrainConfig, DataSizes]:
+    reference = read_reference_checkpoint(path, raw, overrides=overrides, data_paths=data_paths)
+    print(f"Reference checkpoint {path}: architecture and where each value came from\n{describe_sources(reference)}", file=sys.stderr)
+    for note in reference.notes:
+        print(f"note: {note}", file=sys.stderr)
+    try:
+        config = parse_config(reference.config)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: the config read for it does not validate ({error}); correct it with --set KEY=VALUE") from None
+    weights = reference.model_state
+    seq_len = read_metadata(config.eval_paths[0]).seq_len  # not stored in the weights (RoPE): the data's
+    puzzles = weights["puzzle_embedding.weights"].shape[0] if "puzzle_embedding.weights" in weights else 1
+    sizes = DataSizes(seq_len, int(weights["embed_tokens.weight"].shape[0]), int(puzzles))
+    return path, {"model": weights, "step": reference.step, "ema": None}, config, sizes
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["arch.num_heads=8", ...]`` -> ``{"arch.num_heads": 8}`` (values read as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EvalInputError(f"--set {item!r}: expected KEY=VALUE with a dotted config key, e.g. arch.num_heads=8")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise EvalInputError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
 
 
 def load_for_evaluation(checkpoint_or_run: str | Path, device: torch.device | str, use_ema: bool | None = None) -> LoadedCheckpoint:
@@ -284,7 +331,7 @@ def _agree_on(value: Any, dist_info: DistInfo) -> Any:
 
 def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     """Validate everything, evaluate, write ``metrics.json`` (rank 0); return the record written."""
-    path, state, config, sizes = read_checkpoint(args.checkpoint)  # cheap checks first, before any model is built
+    path, state, config, sizes = read_checkpoint(args.checkpoint, overrides=parse_overrides(args.set), data_paths=args.data)  # cheap checks first
     step = int(state.get("step", 0))
     data_paths = list(args.data) if args.data else config.eval_paths
     batch_size = config.global_batch_size // config.grad_accum_steps if args.batch_size is None else args.batch_size
@@ -347,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m evaluators.run",
         description="Evaluate a trm-jd checkpoint on a dataset's test split without training.",
     )
-    parser.add_argument("checkpoint", help="a checkpoint file (checkpoints/step_N.pt) or a run directory (its newest checkpoint)")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint file (checkpoints/step_N.pt), a run directory (its newest checkpoint), or a reference TRM step_N (or its folder)"
+    )
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH", help="dataset folder(s) to evaluate on (default: the run's eval data)")
     parser.add_argument(
         "--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: when the checkpoint has them)"
@@ -358,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/eval/standalone-step_N)")
     parser.add_argument("--overwrite", action="store_true", help="allow replacing results already in the output folder")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--set", action="append", default=None, metavar="KEY=VALUE",
+        help="reference checkpoints: a config value (e.g. arch.num_heads=8) over all_config.yaml, the weights and the reference's defaults",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

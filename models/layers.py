@@ -154,8 +154,17 @@ class Attention(nn.Module):
 
 
 def _swiglu_inner(hidden_size: int, expansion: float) -> int:
+    """The reference TRM's SwiGLU width: ``round(expansion * hidden * 2 / 3)`` rounded up to a multiple of 256.
+
+    The rounding applies at every size (so a hidden-64 model's MLP is 256 wide, as in the reference),
+    which is what lets reference checkpoints of any size load.
+
+    Example:
+        >>> _swiglu_inner(64, 4), _swiglu_inner(512, 4)
+        (256, 1536)
+    """
     inner = round(expansion * hidden_size * 2 / 3)
-    return -(-inner // 256) * 256 if inner >= 256 else inner  # multiples of 256 on large models
+    return -(-inner // 256) * 256
 
 
 class SwiGLU(nn.Module):
@@ -176,7 +185,8 @@ class Block(nn.Module):
     """Post-norm block: ``h = norm(h + mix(h)); h = norm(h + mlp(h))``.
 
     ``mix`` is self-attention, or with ``mlp_t`` a SwiGLU applied along the sequence (token mixing
-    with an MLP, as in the TRM paper's Sudoku variant).
+    with an MLP, as in the TRM paper's Sudoku variant), whose residual is normalised over the
+    positions, as the reference does.
     """
 
     def __init__(
@@ -190,21 +200,23 @@ class Block(nn.Module):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.mlp_t = mlp_t
+        self.uses_mlp_t = mlp_t
         self.norm_eps = norm_eps
         self.dropout = dropout
         if mlp_t:
-            self.token_mixer = SwiGLU(seq_len, expansion)
+            self.mlp_t = SwiGLU(seq_len, expansion)
         else:
             self.self_attn = Attention(hidden_size, num_heads)
         self.mlp = SwiGLU(hidden_size, expansion)
 
     def forward(self, hidden: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
-        if self.mlp_t:
-            mixed = self.token_mixer(hidden.transpose(1, 2)).transpose(1, 2)
+        if self.uses_mlp_t:
+            # As in the reference: mix along the sequence and normalise there too (over positions), then turn back.
+            tokens = hidden.transpose(1, 2)
+            tokens = rms_norm(tokens + F.dropout(self.mlp_t(tokens), self.dropout, self.training), self.norm_eps)
+            hidden = tokens.transpose(1, 2)
         else:
-            mixed = self.self_attn(hidden, rotary)
-        hidden = rms_norm(hidden + F.dropout(mixed, self.dropout, self.training), self.norm_eps)
+            hidden = rms_norm(hidden + F.dropout(self.self_attn(hidden, rotary), self.dropout, self.training), self.norm_eps)
         hidden = rms_norm(hidden + F.dropout(self.mlp(hidden), self.dropout, self.training), self.norm_eps)
         return hidden
 

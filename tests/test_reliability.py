@@ -464,7 +464,7 @@ def _damaged_copies(source: Path, root: Path) -> list[tuple[Path, str]]:
     cases.append((truncated, "inputs.npy"))
 
     for name, change, needle in (
-        ("wrong-seq-len", {"seq_len": 17}, "inputs.npy"),
+        ("wrong-seq-len", {"seq_len": 17}, "grid_shape [4, 4] holds 16 cells but seq_len is 17"),
         ("small-vocab", {"vocab_size": 3}, "vocabulary"),
         ("few-identifiers", {"num_puzzle_identifiers": 2}, "identifiers"),
         ("seq-len-text", {"seq_len": "sixteen"}, "sixteen"),

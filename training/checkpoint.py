@@ -9,7 +9,9 @@ moment leaves the previous checkpoints intact; a temporary file left by a killed
 
 from __future__ import annotations
 
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,24 +71,58 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: 
 
 
 def resolve_checkpoint(path_or_run: str | Path) -> Path:
-    """A checkpoint file, or the newest checkpoint of a run directory."""
+    """A checkpoint file, the newest checkpoint of a run directory, or the newest ``step_N`` of a
+    reference TRM ``checkpoint_path`` folder."""
+    from training.reference_checkpoint import reference_steps
+
     path = Path(path_or_run)
     if path.is_dir():
-        found = list_checkpoints(path) or list_checkpoints(path.parent)
+        found = list_checkpoints(path) or list_checkpoints(path.parent) or reference_steps(path)
         if not found:
-            raise CheckpointError(f"no checkpoint (checkpoints/step_*.pt) under {path}")
+            raise CheckpointError(f"no checkpoint (checkpoints/step_*.pt, or a reference step_N) under {path}")
         return found[-1]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file or run directory")
     return path
 
 
-def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``) with a clear error if it is not one of ours."""
+def read_state(path: Path, map_location: torch.device | str = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear :class:`CheckpointError` for every way it fails
+    (empty or truncated file, foreign pickled objects, not a torch file). Objects other than tensors and
+    plain containers are never unpickled."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: the file is empty (0 bytes), an interrupted copy or write? Use an earlier checkpoint")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's legacy-format warnings would precede the one error line
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as error:
+        if "unsupported global" not in str(error).lower():  # not a pickle at all (random bytes, another format)
+            raise CheckpointError(f"{path}: unreadable checkpoint (not a file written by torch.save)") from None
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint: it holds pickled objects other than tensors and plain containers; they are never loaded, "
+            "since unpickling them could run arbitrary code (only checkpoints of tensors, numbers, strings, lists and dicts load)"
+        ) from None
+    except (EOFError, RuntimeError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error).strip() else "the file ends early"
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(error).__name__}: {reason})") from None
     except Exception as error:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+        reason = str(error).splitlines()[0][:200] if str(error).strip() else "no details"
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {reason})") from None
+
+
+def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint of this toolkit safely (``weights_only=True``) with a clear error if it is not one."""
+    from training.reference_checkpoint import is_reference_state
+
+    state = read_state(path, map_location)
+    if is_reference_state(state):
+        raise CheckpointError(
+            f"{path}: a reference TRM checkpoint (weights only, no training state): start a new run from it with "
+            f"init_from={path}, or evaluate it with python -m evaluators.run {path}"
+        )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise CheckpointError(f"{path}: not a trm-jd checkpoint (format {CHECKPOINT_FORMAT} with model state expected)")
     return state

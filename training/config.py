@@ -86,6 +86,9 @@ class TrainConfig(BaseModel):
     runs_root: str = "runs"
     run_dir: str | None = None
     load_checkpoint: str | None = None
+    init_from: str | None = Field(
+        default=None, description="start a new run from these weights only (a run, checkpoint or reference TRM step_N): fine-tuning"
+    )
     resume: bool = False
     checkpoint_every_eval: bool = True
     checkpoint_interval: int | None = Field(default=None, ge=1, description="also checkpoint every N optimizer steps")
@@ -106,6 +109,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.init_from and self.load_checkpoint:
+            raise ValueError(
+                "give init_from (a new run from a checkpoint's weights) or load_checkpoint (continue or restore a full "
+                "training state), not both"
+            )
         if self.jd.split == "none" and self.jd.n_groups is not None:
             raise ValueError("jd.n_groups groups JD objectives; it has no meaning with jd.split=none")
         bad = [key for key, value in _flatten(self.model_dump()) if isinstance(value, float) and not math.isfinite(value)]

@@ -56,6 +56,7 @@ from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpo
 from training.config import ConfigError, TrainConfig, trajectory_changes
 from training.distributed import DistInfo, ElasticInfo, broadcast_module_, decide_on_main, elastic_info
 from training.evaluation import build_evaluators, evaluate
+from training.init_weights import init_weights_from, resolve_init_from
 from training.interrupt import StopSignals
 from training.logger import RunLogger, check_wandb_config
 from training.run_dir import RunPlan, plan_run, prepare_run_dir
@@ -98,6 +99,7 @@ class Trainer:
         check_wandb_config(config.wandb)
         # Where the run writes and what it restores: decided first (no side effects), by rank 0 for all.
         self.plan: RunPlan = decide_on_main(dist_info, lambda: plan_run(config, self.elastic))
+        init_path = resolve_init_from(config.init_from) if config.init_from and self.plan.checkpoint is None else None
         seed_everything(config.seed + dist_info.rank)
 
         # Data (validated against its metadata before anything heavy is built).
@@ -135,6 +137,8 @@ class Trainer:
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        # Fine-tuning (init_from): the weights only; every rank reads them, so a bad file fails everywhere at once.
+        init_notes = init_weights_from(self.model, init_path, config.model_dump(mode="json")) if init_path is not None else []
         broadcast_module_(self.model, dist_info.world_size)
         self.loss_head = ACTLossHead(self.model, config.arch.loss_type, differential_loss=config.jd.differential_loss)
         if self.jd_step.engine == "autogram":
@@ -174,6 +178,8 @@ class Trainer:
         self.run_dir, self.run_name, self.project_name = prepare_run_dir(config, dist_info, self.plan)
         if self.plan.note and dist_info.is_main:
             print(f"note: {self.plan.note}", flush=True)
+        for note in init_notes if dist_info.is_main else []:
+            print(f"init_from: {note}", flush=True)
         if self.plan.checkpoint is not None and dist_info.is_main:
             print(f"Resuming from {self.plan.checkpoint} (step {self.progress.step}) in {self.run_dir}", flush=True)
         self.logger = (

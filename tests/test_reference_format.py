@@ -1,0 +1,236 @@
+"""The reference TRM code's datasets and checkpoints, against outputs of the reference code itself.
+
+``tests/fixtures/reference/`` was written by ``make_reference_fixture.py`` there, which ran the
+reference repositories' own builders, models, loader and ARC evaluator (see its docstring); nothing
+of this toolkit took part in making it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataset.common import DatasetError, read_metadata
+from dataset.puzzle_dataset import PuzzleDataset
+from evaluators.arc import ARCEvaluator
+from evaluators.export import export
+from evaluators.run import main as evaluate_main
+from evaluators.run import model_from_checkpoint, read_checkpoint
+from pretrain import run
+from tests.conftest import compose, tiny_overrides
+from training.checkpoint import CheckpointError, list_checkpoints, read_state
+from training.reference_checkpoint import map_reference_state
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "reference"
+MODELS = [("trm_arc", "arc"), ("trm_mlpt_sudoku", "sudoku"), ("hrm_sudoku", "sudoku")]
+
+
+def _copy(name: str, tmp_path: Path) -> Path:
+    target = tmp_path / name
+    shutil.copytree(FIXTURE / name, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------ datasets
+def test_reference_dataset_reads_in_place_with_its_sizes() -> None:
+    metadata = read_metadata(FIXTURE / "arc")
+    reference = json.loads((FIXTURE / "arc" / "train" / "dataset.json").read_text())
+    assert (metadata.kind, metadata.seq_len, metadata.vocab_size, metadata.grid_shape) == ("arc", 900, 12, (30, 30))
+    assert metadata.num_puzzle_identifiers == reference["num_puzzle_identifiers"]
+    assert metadata.splits["train"].total_groups == reference["total_groups"]
+    data = PuzzleDataset([FIXTURE / "arc"], "train", 4)
+    assert isinstance(data._sources[0].arrays.inputs, np.memmap)  # read in place, not copied
+    inputs = np.load(FIXTURE / "arc" / "train" / "all__inputs.npy")
+    batch = next(data.train_batches(0))
+    assert np.array_equal(batch["inputs"].numpy(), inputs[batch["example_index"].numpy()])
+    assert read_metadata(FIXTURE / "sudoku").kind == "sudoku"
+
+
+def test_reference_dataset_merges_with_the_toolkits_own(sudoku_data: Path, tmp_path: Path) -> None:
+    from dataset.build_sudoku_dataset import build_generated_sudoku
+
+    own = tmp_path / "own9"
+    build_generated_sudoku(own, size=9, num_train=8, num_test=4, min_givens=30, max_givens=34, seed=1, progress=False)
+    merged = PuzzleDataset([own, FIXTURE / "sudoku"], "test", 4)
+    assert merged.total_examples == 4 + read_metadata(FIXTURE / "sudoku").splits["test"].total_examples
+    with pytest.raises(DatasetError, match="seq_len differs"):
+        PuzzleDataset([sudoku_data, FIXTURE / "sudoku"], "train", 4)  # 4x4 with 9x9: refused, named
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "train" / "all__inputs.npy").write_bytes((d / "train" / "all__inputs.npy").read_bytes()[:300]), "all__inputs.npy: unreadable or truncated"),
+        (lambda d: np.save(d / "train" / "all__inputs.npy", np.load(d / "train" / "all__inputs.npy").astype(np.float32)), "all__inputs.npy: dtype float32"),
+        (lambda d: np.save(d / "train" / "all__labels.npy", np.load(d / "train" / "all__labels.npy") + 20), "all__labels.npy: tokens span"),
+        (lambda d: np.save(d / "train" / "all__puzzle_indices.npy", np.load(d / "train" / "all__puzzle_indices.npy")[:-1]), "all__puzzle_indices.npy"),
+        (lambda d: (d / "train" / "all__group_indices.npy").unlink(), "all__group_indices.npy is missing"),
+        (lambda d: _edit_json(d / "test" / "dataset.json", seq_len=80), "seq_len=80 differs"),
+        (lambda d: _edit_json(d / "train" / "dataset.json", sets=[]), "sets=\\[\\] must be"),
+        (lambda d: _edit_json(d / "train" / "dataset.json", total_groups=3), "declares total_groups=3"),
+    ],
+)
+def test_damaged_reference_datasets_are_refused_naming_the_file(tmp_path: Path, damage, message: str) -> None:
+    folder = _copy("sudoku", tmp_path)
+    damage(folder)
+    with pytest.raises(DatasetError, match=message):
+        PuzzleDataset([folder], "train", 4)
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_arc_voting_on_a_reference_build_matches_the_reference_evaluator(tmp_path: Path) -> None:
+    """The same predictions, fed to the reference ARC evaluator (fixture) and to this one: same pass@K and submission."""
+    fed = np.load(FIXTURE / "arc_vote" / "fed.npz")
+    evaluator = ARCEvaluator(FIXTURE / "arc", pass_ks=(1, 2, 5), submission_k=2)
+    evaluator.begin_eval()
+    data = PuzzleDataset([FIXTURE / "arc"], "test", 4)
+    row = 0
+    for batch in data.test_batches():
+        size = len(batch["inputs"])
+        preds = torch.from_numpy(fed["preds"][row : row + size].astype(np.int64))
+        evaluator.update_batch(batch, {"preds": preds, "q_halt_logits": torch.from_numpy(fed["q_halt_logits"][row : row + size])})
+        row += size
+    results = evaluator.result(tmp_path, rank=0, world_size=1)
+    expected = json.loads((FIXTURE / "arc_vote" / "results.json").read_text())
+    assert {k: results[k] for k in expected} == expected
+    assert 0 < expected["ARC/pass@1"] < 1  # the fixture mixes right and wrong votes
+    assert json.loads((tmp_path / "submission.json").read_text()) == json.loads((FIXTURE / "arc_vote" / "submission.json").read_text())
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("name, data", MODELS)
+def test_reference_checkpoint_gives_the_reference_outputs(name: str, data: str) -> None:
+    """Same weights, same answers: every ACT step's predictions and halting logits, and the final logits, bit for bit."""
+    path, state, config, sizes = read_checkpoint(FIXTURE / "checkpoints" / name, data_paths=[str(FIXTURE / data)])
+    loaded = model_from_checkpoint(path, state, config, sizes, device=torch.device("cpu"))
+    expected = np.load(FIXTURE / "outputs" / f"{name}.npz")
+    preds, q_halts, logits = [], [], []
+    with torch.no_grad():
+        for batch in PuzzleDataset([FIXTURE / data], "test", 4).test_batches():
+            carry = loaded.loss_head.initial_carry(batch)
+            for step in range(config.arch.halt_max_steps):
+                carry, _, metrics, outputs, _ = loaded.loss_head(carry, batch, global_batch_size=4)
+                preds.append(outputs["preds"].numpy())
+                q_halts.append(outputs["q_halt_logits"].numpy())
+            logits.append(outputs["logits"].numpy())
+    steps = config.arch.halt_max_steps
+    got = np.stack(preds).reshape(-1, steps, *preds[0].shape).transpose(0, 2, 1, 3).reshape(expected["preds"].shape)
+    assert np.array_equal(got, expected["preds"])
+    got_q = np.stack(q_halts).reshape(-1, steps, q_halts[0].shape[0]).transpose(0, 2, 1).reshape(expected["q_halt_logits"].shape)
+    assert np.array_equal(got_q, expected["q_halt_logits"])
+    assert np.array_equal(np.concatenate(logits)[: len(expected["logits"])], expected["logits"])
+
+
+def test_evaluators_run_on_a_reference_checkpoint_says_where_values_came_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = _copy("checkpoints", tmp_path) / "hrm_sudoku" / "step_5"
+    status = evaluate_main([str(checkpoint), "--data", str(FIXTURE / "sudoku"), "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu"])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "arch.H_layers = 1  (all_config.yaml)" in err and "data_paths" in err and "(--data)" in err
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    expected = np.load(FIXTURE / "outputs" / "hrm_sudoku.npz")
+    total = int(read_metadata(FIXTURE / "sudoku").splits["test"].total_examples)
+    assert record["step"] == 5
+    assert record["metrics"]["eval/exact_accuracy"] == pytest.approx(expected["exact_accuracy"].sum() / total)
+
+
+def test_a_reference_checkpoint_without_its_config_uses_the_weights_and_set_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "released"
+    folder.mkdir()
+    shutil.copy(FIXTURE / "checkpoints" / "trm_arc" / "step_7", folder / "step_7")
+    overrides = ["--set", "arch.H_cycles=2", "--set", "arch.L_cycles=2", "--set", "arch.num_heads=2", "--set", "arch.halt_max_steps=3",
+                 "--set", "arch.puzzle_emb_len=2", "--set", "arch.forward_dtype=float32"]
+    status = evaluate_main([str(folder), "--data", str(FIXTURE / "arc"), "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu",
+                            "--batch-size", "4", *overrides])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "all_config.yaml is missing" in err
+    assert "arch.hidden_size = 32  (weights)" in err and "arch.num_heads = 2  (--set)" in err and "arch.expansion = 4.0  (reference default)" in err
+    # Without --data nothing names the data (no all_config.yaml): refused before any model is built.
+    assert evaluate_main([str(folder), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "give the dataset folder (--data PATH)" in capsys.readouterr().err
+
+
+def test_unmappable_and_unsafe_reference_checkpoints_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = read_state(FIXTURE / "checkpoints" / "trm_arc" / "step_7")
+    with pytest.raises(CheckpointError, match="no counterpart.*model.inner.fancy_head.weight"):
+        map_reference_state({**state, "model.inner.fancy_head.weight": torch.zeros(2)}, "x")
+    bad = tmp_path / "step_1"
+    torch.save({**state, "model.inner.fancy_head.weight": torch.zeros(2)}, bad)
+    assert evaluate_main([str(bad), "--data", str(FIXTURE / "arc"), "--quiet"]) == 2
+    assert capsys.readouterr().err.count("\n") >= 1
+    evil = tmp_path / "evil" / "step_3"
+    evil.parent.mkdir()
+    torch.save({"model.inner.H_init": torch.zeros(2), "payload": ArithmeticError("x")}, evil)
+    assert evaluate_main([str(evil), "--data", str(FIXTURE / "arc"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "never loaded" in err and "weights_only" not in err
+
+
+def test_the_jd_forks_trmjd_weights_load(tmp_path: Path) -> None:
+    path, state, config, sizes = read_checkpoint(FIXTURE / "checkpoints" / "trmjd_sudoku", data_paths=[str(FIXTURE / "sudoku")])
+    loaded = model_from_checkpoint(path, state, config, sizes, device=torch.device("cpu"))
+    raw = read_state(FIXTURE / "checkpoints" / "trmjd_sudoku" / "step_2")
+    assert torch.equal(loaded.model.core.L_level.layers[0].mlp.down_proj.weight, raw["model.inner.L_level.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(loaded.model.core.q_head.bias, torch.full((2,), -5.0))  # no_act: the TRM's initial Q-head
+
+
+# ----------------------------------------------------------------------------------- fine-tuning, export
+@pytest.mark.parametrize("split", ["none", "iwrm_with_q_halt_in"])
+def test_training_starts_from_a_reference_checkpoint_on_a_reference_dataset(tmp_path: Path, split: str, capsys: pytest.CaptureFixture[str]) -> None:
+    arch = ["arch=hrm", "arch.hidden_size=32", "arch.num_heads=2", "arch.expansion=4", "arch.H_layers=1", "arch.L_layers=1",
+            "arch.H_cycles=2", "arch.L_cycles=2", "arch.halt_max_steps=3", "arch.puzzle_emb_ndim=32", "arch.puzzle_emb_len=0",
+            "arch.forward_dtype=float32"]
+    overrides = tiny_overrides(FIXTURE / "sudoku", tmp_path, global_batch_size=4, max_steps=3, eval_interval="null", run_name=f"ft-{split}")
+    overrides = [o for o in overrides if not o.startswith("arch.")] + arch
+    config = compose(overrides + [f"init_from={FIXTURE / 'checkpoints' / 'hrm_sudoku'}", f"jd.split={split}"])
+    summary = run(config)
+    assert summary["status"] == "finished" and summary["final_step"] == 3
+    assert "init_from: weights from the reference checkpoint" in capsys.readouterr().out
+    # Step 0 of the new run starts from the reference weights: the first checkpoint moved away from them by training only.
+    raw = read_state(FIXTURE / "checkpoints" / "hrm_sudoku" / "step_5")
+    trained = torch.load(list_checkpoints(Path(summary["run_dir"]))[-1], weights_only=True)["model"]
+    assert trained["H_init"].equal(raw["model.inner.H_init"])  # a buffer: untouched by training
+    assert not trained["core.lm_head.weight"].equal(raw["model.inner.lm_head.weight"])
+
+
+def test_init_from_refuses_a_model_that_does_not_fit(tmp_path: Path) -> None:
+    overrides = tiny_overrides(FIXTURE / "sudoku", tmp_path, global_batch_size=4, max_steps=2, run_name="misfit")
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        run(compose(overrides + [f"init_from={FIXTURE / 'checkpoints' / 'trm_mlpt_sudoku'}"]))
+    assert not (tmp_path / "sudoku" / "misfit").exists()  # refused before the run directory was made
+
+
+def test_export_and_reimport_round_trip_bit_for_bit(sudoku_data: Path, tmp_path: Path) -> None:
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=3, eval_interval="null", run_name="exp")))
+    target = export(summary["run_dir"], str(tmp_path / "exported"))
+    assert target.name == "step_3" and (target.parent / "all_config.yaml").is_file()
+    raw = read_state(target)
+    assert all(key.startswith("_orig_mod.model.inner.") for key in raw)
+    path, state, config, sizes = read_checkpoint(target, data_paths=[str(sudoku_data)])
+    own_path, own_state, own_config, own_sizes = read_checkpoint(summary["run_dir"])
+    assert sizes == own_sizes and config.arch == own_config.arch.model_copy(update={"forward_dtype": config.arch.forward_dtype})
+    original = model_from_checkpoint(own_path, own_state, own_config, own_sizes, device=torch.device("cpu")).model.state_dict()
+    reimported = model_from_checkpoint(path, state, config, sizes, device=torch.device("cpu")).model.state_dict()
+    assert original.keys() == reimported.keys() and all(torch.equal(original[k], reimported[k]) for k in original)
+    with pytest.raises(CheckpointError, match="already exist"):
+        export(summary["run_dir"], str(tmp_path / "exported"))
+
+
+def test_export_writes_the_keys_the_reference_model_has() -> None:
+    """A reference checkpoint loaded here and exported again has exactly the reference's own keys and tensors."""
+    path, state, config, sizes = read_checkpoint(FIXTURE / "checkpoints" / "hrm_sudoku", data_paths=[str(FIXTURE / "sudoku")])
+    from training.reference_checkpoint import to_reference_state
+
+    model = model_from_checkpoint(path, state, config, sizes, device=torch.device("cpu")).model
+    exported = to_reference_state(model.state_dict(), compiled=False)
+    raw = read_state(FIXTURE / "checkpoints" / "hrm_sudoku" / "step_5")
+    assert exported.keys() == raw.keys() and all(torch.equal(exported[k], raw[k]) for k in raw)
