@@ -143,7 +143,7 @@ def run_variant(
     jd_config = JDConfig(**{"aggregator": "upgrad", **jd_values})
     if compile_model:
         jd_config.check_compilable()
-    jd_step = build_jd_step(jd_config)
+    jd_step = build_jd_step(jd_config, halt_max_steps=arch.halt_max_steps)
     model = build_model(arch, seq_len=preset["seq_len"], vocab_size=preset["vocab_size"], num_puzzle_identifiers=preset["num_puzzles"], device=device)
     if compile_model:
         compile_core(model, repeated_backward=jd_config.split != "none")
@@ -167,7 +167,10 @@ def run_variant(
         terms_list = []
         with forward_context(model, batch_size) if forward_context else nullcontext():
             for _ in range(supervision):
-                carry, terms, _, _, _ = head(carry, batch, global_batch_size=batch_size, keep_cycle_logits=jd_step.split.needs_cycle_logits)
+                carry, terms, _, _, _ = head(
+                    carry, batch, global_batch_size=batch_size, keep_cycle_logits=jd_step.split.needs_cycle_logits,
+                    differential_cycles=jd_step.split.needs_differential_cycles,
+                )
                 terms_list.append(terms)
             last_metrics = jd_step.backward(terms_list, params, [rows for _, rows in model.puzzle_embedding.pending_rows()])
         jd_step.finish(params)

@@ -114,6 +114,7 @@ class PuzzleDataset:
         self.seed = seed
         self.epochs_per_iter = epochs_per_iter
         self._plan_cache: tuple[int, np.ndarray] | None = None
+        self._cumulative_weights: np.ndarray | None = None  # hard-example sampling (set_puzzle_weights)
 
         metadatas = [read_metadata(path) for path in self.paths]
         _merge_metadata(self.paths, metadatas)
@@ -240,12 +241,41 @@ class PuzzleDataset:
     # Train mode
     # ------------------------------------------------------------------------------------------
 
+    def set_puzzle_weights(self, identifier_weights: np.ndarray | None) -> None:
+        """Pick each group's puzzle with probability proportional to the weight of its identifier from now
+        on (``None``: uniformly again); the draws stay those of ``(seed, iteration)``. Hard-example sampling."""
+        self._plan_cache = None
+        if identifier_weights is None:
+            self._cumulative_weights = None
+            return
+        if len(identifier_weights) != len(self.identifiers):
+            raise ValueError(f"{len(identifier_weights)} identifier weights for {len(self.identifiers)} identifiers")
+        weights = np.clip(np.asarray(identifier_weights, dtype=np.float64)[self._puzzle_identifiers], 0.0, None)
+        self._cumulative_weights = np.concatenate([[0.0], np.cumsum(weights)])
+
+    def puzzle_weights(self) -> np.ndarray:
+        """Each puzzle's current sampling weight (all 1 without hard-example sampling)."""
+        if self._cumulative_weights is None:
+            return np.ones(len(self._puzzle_identifiers))
+        return np.diff(self._cumulative_weights)
+
+    def _choose_puzzles(self, first_puzzle: np.ndarray, group_sizes: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        """One puzzle per group from uniform ``draws`` in [0, 1): uniformly, or by the puzzle weights."""
+        uniform = first_puzzle + (draws * group_sizes).astype(np.int64)
+        if self._cumulative_weights is None:
+            return uniform
+        cumulative = self._cumulative_weights
+        start, stop = cumulative[first_puzzle], cumulative[first_puzzle + group_sizes]
+        chosen = np.searchsorted(cumulative, start + draws * (stop - start), side="right") - 1
+        chosen = np.clip(chosen, first_puzzle, first_puzzle + group_sizes - 1)
+        return np.where(stop > start, chosen, uniform)
+
     def _epoch_examples(self, rng: np.random.Generator) -> np.ndarray:
         """One epoch: groups in random order, one random puzzle each, their examples shuffled."""
         groups = rng.permutation(len(self._group_indices) - 1)
         first_puzzle = self._group_indices[groups]
         group_sizes = self._group_indices[groups + 1] - first_puzzle
-        puzzles = first_puzzle + (rng.random(len(groups)) * group_sizes).astype(np.int64)
+        puzzles = self._choose_puzzles(first_puzzle, group_sizes, rng.random(len(groups)))
         starts = self._puzzle_indices[puzzles]
         counts = self._puzzle_indices[puzzles + 1] - starts
         # Concatenate the ranges starts[i] : starts[i] + counts[i] without a Python loop.

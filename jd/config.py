@@ -24,6 +24,15 @@ class JDConfig(BaseModel):
     include_puzzle_embedding: bool = True
     intermediate_loss_weight: float = Field(default=1.0, ge=0.0)
     max_supervisions: int = Field(default=4, ge=1)
+    supervision_loop: Literal["same_batch", "carry"] = Field(
+        default="same_batch",
+        description="supervision stacks: same_batch (the JD study: one batch per step, until all halted, LM / halt_max_steps, "
+        "no halting term) or carry (each step reads the next batch into the ACT carry; whole GD losses)",
+    )
+    internal_loss: Literal["differential", "plain"] = Field(
+        default="differential",
+        description="internal-cycle stacks: differential (the JD study: H+1 objectives from logits_i - logits_{i-1}) or plain",
+    )
     differential_loss: bool = False
     carry_perturbation_rate: float = Field(default=0.0, ge=0.0)
     diagnostics: bool = True

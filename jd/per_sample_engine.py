@@ -105,14 +105,15 @@ def mixing_matrix(split: SplitSpec, steps: Sequence[LossTerms], channels: list[T
 
 
 def _channel_units(mixing: Tensor, channels: list[Tensor], num_steps: int, batch: int) -> list[_Unit]:
-    """One backward per distinct channel: LM and halting merge when the split never separates them."""
+    """One backward per distinct channel: LM and halting merge when the split never separates them, and a
+    channel no objective uses (the halting loss of the study's supervision stacks) costs none."""
     units: list[_Unit] = []
     for k in range(num_steps):
         lm_cols, halt_cols = mixing[:, 2 * k * batch : (2 * k + 1) * batch], mixing[:, (2 * k + 1) * batch : (2 * k + 2) * batch]
         if torch.equal(lm_cols, halt_cols):
             units.append((k, channels[2 * k] + channels[2 * k + 1], lm_cols))
         else:
-            units.extend([(k, channels[2 * k], lm_cols), (k, channels[2 * k + 1], halt_cols)])
+            units.extend((k, channel, cols) for channel, cols in ((channels[2 * k], lm_cols), (channels[2 * k + 1], halt_cols)) if cols.any())
     return units
 
 

@@ -335,7 +335,8 @@ class JDStep:
         self._skipped = int(state["skipped_nonfinite"])
 
 
-def build_jd_step(config: JDConfig, *, world_size: int = 1, group: Any = None) -> JDStep:
+def build_jd_step(config: JDConfig, *, world_size: int = 1, group: Any = None, halt_max_steps: int = 1) -> JDStep:
     """The backward step for ``config`` (``jd.*``). Bad names, kwargs or engine choices fail here,
-    before any compute. ``group``: the process group for the collectives (all ranks when ``None``)."""
-    return JDStep(config, split_from_config(config), world_size=world_size, group=group)
+    before any compute. ``group``: the process group for the collectives (all ranks when ``None``);
+    ``halt_max_steps`` (``arch.halt_max_steps``) divides the ``same_batch`` supervision stacks' LM losses."""
+    return JDStep(config, split_from_config(config, halt_max_steps), world_size=world_size, group=group)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 IGNORE_LABEL_ID = -100
@@ -30,12 +29,16 @@ class LossTerms:
         internal_lm: per H-cycle ``[B, S]`` LM losses (same scaling as ``lm``), present only when
             the model was asked to keep one graph per H-cycle (internal-cycle splits). The last
             entry is computed from the same logits as ``lm``.
+        internal_differential: per H-cycle ``[B, S]`` differential losses, the JD study's ``d_i``:
+            the loss of ``logits_i - logits_{i-1}.detach()`` (``logits_{-1} = 0``), per token, divided
+            by ``global_batch_size`` but NOT by the sample's token count; present only when asked.
     """
 
     lm: Tensor
     q_halt: Tensor
     q_continue: Tensor | None = None
     internal_lm: list[Tensor] | None = None
+    internal_differential: list[Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -62,12 +65,6 @@ class LossTerms:
             q_halt=self.q_halt.detach(),
             q_continue=None if self.q_continue is None else self.q_continue.detach(),
             internal_lm=None if self.internal_lm is None else [t.detach() for t in self.internal_lm],
+            internal_differential=None if self.internal_differential is None else [t.detach() for t in self.internal_differential],
         )
 
-
-def zeros_like_terms(batch_size: int, seq_len: int, device: torch.device) -> LossTerms:
-    """Loss terms that are all zero, e.g. for an empty micro-batch."""
-    return LossTerms(
-        lm=torch.zeros(batch_size, seq_len, device=device),
-        q_halt=torch.zeros(batch_size, device=device),
-    )

@@ -82,9 +82,14 @@ class ACTLossHead(nn.Module):
         *,
         global_batch_size: int,
         keep_cycle_logits: bool = False,
+        differential_cycles: bool = False,
         carry_noise: float = 0.0,
     ) -> tuple[ACTCarry, LossTerms, dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """One supervision step; the last value is a boolean tensor: every sample has halted."""
+        """One supervision step; the last value is a boolean tensor: every sample has halted.
+
+        ``keep_cycle_logits``: one graph and LM loss per H-cycle (``LossTerms.internal_lm``);
+        ``differential_cycles`` adds the cycles' differential losses (``LossTerms.internal_differential``).
+        ``outputs`` gains ``preds`` and ``exact`` (``[B]``: every scored token right)."""
         carry, outputs = self.model(carry, batch, keep_cycle_logits=keep_cycle_logits, carry_noise=carry_noise)
         labels = carry.data["labels"]
         logits: Tensor = outputs["logits"]  # type: ignore[assignment]
@@ -106,6 +111,7 @@ class ACTLossHead(nn.Module):
                 "steps": torch.where(valid, carry.steps, 0).sum(),
             }
             outputs["preds"] = preds
+            outputs["exact"] = exact
 
         scale = 1.0 / global_batch_size
 
@@ -122,11 +128,14 @@ class ACTLossHead(nn.Module):
                 F.binary_cross_entropy_with_logits(outputs["q_continue_logits"], outputs["target_q_continue"], reduction="none")  # type: ignore[arg-type]
                 * scale
             )
-        internal = None
+        internal = differential = None
         if "cycle_logits" in outputs:
             cycle_logits: list[Tensor] = outputs["cycle_logits"]  # type: ignore[assignment]
             internal = [lm_terms(step) for step in cycle_logits[:-1]] + [lm]
-        terms = LossTerms(lm=lm, q_halt=q_halt, q_continue=q_continue, internal_lm=internal)
+            if differential_cycles:
+                previous = [torch.zeros_like(cycle_logits[0])] + [c.detach() for c in cycle_logits[:-1]]
+                differential = [self.loss_fn(c - p, labels, IGNORE_LABEL_ID) * scale for c, p in zip(cycle_logits, previous)]
+        terms = LossTerms(lm=lm, q_halt=q_halt, q_continue=q_continue, internal_lm=internal, internal_differential=differential)
 
         with torch.no_grad():
             metrics["lm_loss"] = lm.detach().sum() * global_batch_size

@@ -50,6 +50,10 @@ def per_sample_parameters(model: nn.Module, batch_size: int) -> Iterator[dict[nn
                     own[name] = leaf
                     leaves[param] = leaf
                     covered.add(id(param))
+            if not own:
+                continue  # frozen (freeze_weights): the module computes as usual
+            if "weight" not in own:
+                raise TypeError(f"per-sample gradients need {type(module).__name__}.weight trainable when its bias is")
             module.per_sample = own
             patched.append(module)
         uncovered = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]

@@ -1,4 +1,9 @@
-"""Loss splits: m, what the objectives sum to, which sample each objective depends on, bucketing, bad input."""
+"""Loss splits: m, what the objectives sum to, which sample each objective depends on, bucketing, bad input.
+
+The stacks' default semantics are the JD study's (``jd.supervision_loop=same_batch``,
+``jd.internal_loss=differential``); these tests name ``plain``/``carry`` where they check the partition
+of the GD loss, and ``tests/test_study_semantics.py`` checks the study's against direct computations.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +55,9 @@ def _terms(seed: int, q_continue: bool = True) -> LossTerms:
     return LossTerms(lm=lm, q_halt=torch.rand(B, generator=generator), q_continue=q_cont, internal_lm=internal)
 
 
+PLAIN = {"internal_loss": "plain", "supervision_loop": "carry"}
+
+
 def _steps(name: str) -> list[LossTerms]:
     count = K if get_split(name).is_supervision_stack else 1
     return [_terms(seed) for seed in range(count)]
@@ -61,7 +69,7 @@ def test_every_split_of_the_study_is_registered() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_M))
 def test_m_and_sum_of_the_objectives(name: str) -> None:
-    spec = get_split(name, max_supervisions=K, intermediate_loss_weight=W)
+    spec = get_split(name, max_supervisions=K, intermediate_loss_weight=W, **PLAIN)
     steps = _steps(name)
     objectives = spec.objectives(steps)
     assert objectives.ndim == 1 and objectives.shape[0] == EXPECTED_M[name]
@@ -99,7 +107,7 @@ def _sample_support(name: str) -> list[set[int]]:
         t.lm.requires_grad_(True)
         t.q_halt.requires_grad_(True)
         leaves.append(t)
-    objectives = get_split(name).objectives(steps)
+    objectives = get_split(name, **PLAIN).objectives(steps)
     support = []
     for objective in objectives:
         grads = torch.autograd.grad(objective, [x for t in leaves for x in (t.lm, t.q_halt)], retain_graph=True, allow_unused=True)
@@ -114,7 +122,7 @@ def _sample_support(name: str) -> list[set[int]]:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_M))
 def test_shared_objectives_come_first_and_per_instance_ones_touch_one_sample(name: str) -> None:
-    spec = get_split(name, max_supervisions=K)
+    spec = get_split(name, max_supervisions=K, **PLAIN)
     steps = _steps(name)
     shared = spec.shared_count(steps)
     assert spec.per_instance == (name in PER_INSTANCE)
@@ -132,6 +140,10 @@ def test_flags_and_supervision_steps() -> None:
     assert get_split("stack_internal_losses").needs_cycle_logits
     assert get_split("iwrm_with_q_halt_in").supervision_steps(16) == 1
     assert get_split("none").is_gd and not get_split("lm_loss_vs_q_halt_loss").is_gd
+    assert stack.same_batch_loop and stack.batches_per_step(16) == 1
+    assert get_split("stack_supervisions", supervision_loop="carry").batches_per_step(16) == 4
+    assert get_split("stack_internal_losses").needs_differential_cycles
+    assert get_split("stack_internal_losses").num_objectives(batch_size=B, seq_len=S, H_cycles=H) == H + 1
 
 
 def test_bad_inputs_to_a_split() -> None:
@@ -142,7 +154,11 @@ def test_bad_inputs_to_a_split() -> None:
     terms = _terms(0)
     terms.internal_lm = None
     with pytest.raises(ValueError, match="keep_cycle_logits=True"):
-        get_split("stack_internal_losses").objectives([terms])
+        get_split("stack_internal_losses", internal_loss="plain").objectives([terms])
+    with pytest.raises(ValueError, match="differential_cycles=True"):
+        get_split("stack_internal_losses").objectives([_terms(0)])  # the study's default needs the d_i
+    with pytest.raises(ValueError, match="jd.supervision_loop='loop'; accepted: same_batch, carry"):
+        get_split("stack_supervisions", supervision_loop="loop")
 
 
 def test_group_objectives_deals_uneven_buckets_and_keeps_the_sum() -> None:

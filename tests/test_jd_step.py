@@ -107,11 +107,13 @@ def run_steps(
         cycle_logits, q_halt_logits, q_continue_logits, hidden = model(batch.tokens, rows, state, keep_cycles)
         state = hidden.detach()
 
-        def lm_of(logits: Tensor) -> Tensor:
-            ce = F.cross_entropy(
+        def ce_of(logits: Tensor) -> Tensor:
+            return F.cross_entropy(
                 logits.reshape(-1, VOCAB), batch.labels.reshape(-1), ignore_index=IGNORE_LABEL_ID, reduction="none"
             ).view(batch.labels.shape)
-            return ce / divisor * scale
+
+        def lm_of(logits: Tensor) -> Tensor:
+            return ce_of(logits) / divisor * scale
 
         lm = lm_of(cycle_logits[-1])
         with torch.no_grad():
@@ -123,7 +125,9 @@ def run_steps(
             else None
         )
         internal = [lm_of(c) for c in cycle_logits[:-1]] + [lm] if keep_cycles else None
-        steps.append(LossTerms(lm=lm, q_halt=q_halt, q_continue=q_cont, internal_lm=internal))
+        previous = [torch.zeros_like(cycle_logits[0])] + [c.detach() for c in cycle_logits[:-1]]
+        differential = [ce_of(c - p) * scale for c, p in zip(cycle_logits, previous)] if keep_cycles else None
+        steps.append(LossTerms(lm=lm, q_halt=q_halt, q_continue=q_cont, internal_lm=internal, internal_differential=differential))
     return steps, rows_leaves
 
 
@@ -171,13 +175,19 @@ ENGINE_SPLITS = [(split, engine) for split in JD_SPLITS for engine in ("autojac"
 ]
 
 
-@pytest.mark.parametrize(("split", "engine"), ENGINE_SPLITS)
-def test_mean_aggregator_reproduces_gd_for_every_split(split: str, engine: str) -> None:
-    config = JDConfig(split=split, aggregator="mean", engine=engine, max_supervisions=3, intermediate_loss_weight=0.5)
+STACK_SEMANTICS = {"study": {}, "plain": {"internal_loss": "plain", "supervision_loop": "carry"}}
+SEMANTIC_SPLITS = [(split, engine, semantics) for split, engine in ENGINE_SPLITS for semantics in STACK_SEMANTICS
+                   if semantics == "study" or split in INTERNAL_STACKS or "supervisions" in split]
+
+
+@pytest.mark.parametrize(("split", "engine", "semantics"), SEMANTIC_SPLITS)
+def test_mean_aggregator_reproduces_gd_for_every_split(split: str, engine: str, semantics: str) -> None:
+    config = JDConfig(split=split, aggregator="mean", engine=engine, max_supervisions=3, intermediate_loss_weight=0.5, **STACK_SEMANTICS[semantics])
     step, params, steps, rows = _problem(config, attach=True, cycles=1 if engine == "autogram" else 2)
     objectives = step.split.objectives(steps)
     expected = _grad(objectives.sum(), params + rows)
-    if split not in INTERNAL_STACKS:  # a partition of the GD loss: the GD gradient itself
+    partition = split not in INTERNAL_STACKS and not (semantics == "study" and "supervisions" in split)
+    if partition:  # a partition of the GD loss: the GD gradient itself
         gd_loss = sum(t.total() for t in steps)
         torch.testing.assert_close(expected, _grad(gd_loss, params + rows))
 
@@ -393,7 +403,8 @@ def _tiny_trm_steps(split: str, *, engine: str = "auto", aggregator: str = "mean
     carry = head.initial_carry(batch)
     steps = []
     for _ in range(step.split.supervision_steps(arch.halt_max_steps)):
-        carry, terms, _, _, _ = head(carry, batch, global_batch_size=3, keep_cycle_logits=step.split.needs_cycle_logits)
+        carry, terms, _, _, _ = head(carry, batch, global_batch_size=3, keep_cycle_logits=step.split.needs_cycle_logits,
+                                     differential_cycles=step.split.needs_differential_cycles)
         steps.append(terms)
     rows = [leaf for _, leaf in model.puzzle_embedding.pending_rows()]
     params = [p for p in model.parameters() if p.requires_grad]

@@ -145,6 +145,11 @@ RESUME_CASES = {
     "gd-ema-accum": {"ema": True, "grad_accum_steps": 2},
     # JD with random bucketing of the objectives (the JD step's generator must resume too).
     "jd-pixelwise-groups": {"jd.split": "pixelwise_q_halt_in", "jd.n_groups": 4, "jd.aggregator": "upgrad"},
+    # The JD study's supervision stack (one batch per step, until all halted) with its hard-example sampling:
+    # the counts, and the weights of the second iteration drawn from them, must resume too.
+    "study-stack-hard-sampling": {"jd.split": "stack_supervisions", "jd.max_supervisions": 2, "custom_sampling": True},
+    # Puzzle embeddings only (frozen weights, no Adam state), the study's differential internal stack.
+    "study-frozen-internal": {"jd.split": "stack_internal_losses", "freeze_weights": True},
 }
 
 

@@ -78,6 +78,8 @@ class TrainConfig(BaseModel):
     grad_clip_norm: float | None = Field(default=None, gt=0)
     ema: bool = False
     ema_rate: float = Field(default=0.999, gt=0, lt=1)
+    freeze_weights: bool = Field(default=False, description="train the puzzle embeddings only (the JD study's option)")
+    custom_sampling: bool = Field(default=False, description="hard-example sampling within groups (the JD study's rule; on there)")
 
     # Run
     seed: int = Field(default=0, ge=0)

@@ -2,17 +2,22 @@
 
 One optimizer step, on every rank::
 
-    for each of the split's supervision steps: read the next global batch (this rank's slice)
+    read the split's batches_per_step global batches (this rank's slice; one, except for a supervision
+        stack with jd.supervision_loop=carry, which reads one per supervision step)
     for each micro-batch (grad_accum_steps slices of it, each with its own ACT carry):
-        run the supervision steps (one ACT step each)            -> LossTerms per step
+        run the supervision steps (one ACT step each; the same_batch loop stops once all halted) -> LossTerms
         jd_step.backward(terms)                                   -> .grad of weights and puzzle rows
     jd_step.finish()                                              -> gradients reduced over ranks once
-    skip the step if anything is non-finite; else AdamATan2 + sign-SGD (+ EMA)
+    skip the step if anything is non-finite; else AdamATan2 + sign-SGD (+ EMA)     (training/optimizers.py)
+
+Hard-example sampling (``custom_sampling``) counts halted samples per puzzle identifier and re-weights
+the next data iteration (:mod:`training.hard_sampling`); ``init_from`` loads a checkpoint's weights into a
+new run (:mod:`training.init_weights`).
 
 Reliability rules (the README's "Run directory, W&B and resuming" section says more):
 
 * Exact resume: a checkpoint holds the model, both optimizers, the EMA, the progress (step and data
-  position), every rank's RNG streams and ACT carries, and the JD step's state; evaluation runs with
+  position), every rank's RNG streams and ACT carries, the JD step's state and the hard-example counts; evaluation runs with
   the RNG streams saved and restored, so it never moves the training trajectory.
 * Non-finite steps: if the loss, the JD objectives or Gramian (``JDStep.skipped_nonfinite`` moved),
   the weight gradients or the puzzle-row gradients hold a NaN or an Inf, the step is skipped: no
@@ -35,7 +40,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from dataset.common import DatasetError
@@ -47,18 +51,19 @@ from jd.step import build_jd_step
 from models.ema import EMA
 from models.loss_terms import LossTerms
 from models.losses import ACTLossHead
-from models.optimizers import cosine_schedule_with_warmup, make_adam_atan2
+from models.optimizers import cosine_schedule_with_warmup
 from models.recursive_reasoning.act import ACTCarry
 from models.registry import build_model, compile_core
-from models.sparse_embedding import SignSGDSparseEmbedding
 from training.atomic import atomic_write_text
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from training.config import ConfigError, TrainConfig, trajectory_changes
 from training.distributed import DistInfo, ElasticInfo, broadcast_module_, decide_on_main, elastic_info
 from training.evaluation import build_evaluators, evaluate
+from training.hard_sampling import HardExampleSampler
 from training.init_weights import init_weights_from, resolve_init_from
 from training.interrupt import StopSignals
 from training.logger import RunLogger, check_wandb_config
+from training.optimizers import RunOptimizers
 from training.run_dir import RunPlan, plan_run, prepare_run_dir
 from training.state import (
     Progress,
@@ -71,7 +76,7 @@ from training.state import (
     seed_everything,
 )
 
-SUM_METRICS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss", "q_continue_loss")
+SUM_METRICS = ("count", "sample_steps", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss", "q_continue_loss")
 
 
 class NonFiniteError(RuntimeError):
@@ -122,12 +127,13 @@ class Trainer:
             )
             if config.compile_enabled(dist_info.device.type):
                 config.jd.check_compilable()
-            self.jd_step = build_jd_step(config.jd, world_size=dist_info.world_size)
+            self.jd_step = build_jd_step(config.jd, world_size=dist_info.world_size, halt_max_steps=config.arch.halt_max_steps)
         except (ValueError, ImportError) as error:  # ImportError: an aggregator's optional solver is missing
             raise ConfigError(str(error)) from None
-        self.supervision_steps = self.jd_step.split.supervision_steps(config.arch.halt_max_steps)
-        # Each optimizer step reads one global batch per supervision step (micro-batches split it).
-        estimated = max(1, self.train_data.estimated_total_batches(config.epochs) // self.supervision_steps)
+        split = self.jd_step.split
+        self.supervision_steps = split.supervision_steps(config.arch.halt_max_steps)  # at most, in the same_batch loop
+        self.batches_per_step = split.batches_per_step(config.arch.halt_max_steps)  # micro-batches split each batch
+        estimated = max(1, self.train_data.estimated_total_batches(config.epochs) // self.batches_per_step)
         self.total_steps = min(estimated, config.max_steps) if config.max_steps else estimated
 
         # Model, loss head, optimizers (classes from the project's registries, never import strings).
@@ -144,14 +150,17 @@ class Trainer:
         if self.jd_step.engine == "autogram":
             self._check_autogram(meta.seq_len)
         self.jd_step.attach(self.model)  # only jd.engine=autogram hooks the modules
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_adam_atan2(self.params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
-        embeddings = [self.model.puzzle_embedding] if self.model.puzzle_embedding is not None else []
-        self.sparse_optimizer = (
-            SignSGDSparseEmbedding(embeddings, lr=config.puzzle_emb_lr, weight_decay=config.puzzle_emb_weight_decay, world_size=dist_info.world_size)
-            if embeddings
-            else None
-        )
+        try:
+            self.optimizers = RunOptimizers(
+                self.model, lr=config.lr, puzzle_emb_lr=config.puzzle_emb_lr, betas=(config.beta1, config.beta2),
+                weight_decay=config.weight_decay, puzzle_emb_weight_decay=config.puzzle_emb_weight_decay,
+                world_size=dist_info.world_size, freeze_weights=config.freeze_weights,
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.params = self.optimizers.params
+        self.sampler = HardExampleSampler(meta.num_puzzle_identifiers, dist_info.device, dist_info.world_size) if config.custom_sampling else None
+        self._sampling_stats: dict[str, float] = {"train/sampling_weight_min": 1.0, "train/sampling_weight_mean": 1.0}
         self.ema = EMA(self.model, config.ema_rate) if config.ema else None
         if config.compile_enabled(dist_info.device.type):
             compile_core(self.model, repeated_backward=config.jd.split != "none")
@@ -208,7 +217,8 @@ class Trainer:
         def one_step_of_forwards() -> None:
             carry = self.loss_head.initial_carry(sample)
             for _ in range(self.supervision_steps):
-                carry = self.loss_head(carry, sample, global_batch_size=1, keep_cycle_logits=self.jd_step.split.needs_cycle_logits)[0]
+                carry = self.loss_head(carry, sample, global_batch_size=1, keep_cycle_logits=self.jd_step.split.needs_cycle_logits,
+                                       differential_cycles=self.jd_step.split.needs_differential_cycles)[0]
 
         try:
             with preserved_rng():
@@ -324,7 +334,7 @@ class Trainer:
         """
         if self._batches is None:
             self._batches = self._batch_stream()
-        step_batches = [next(self._batches, None) for _ in range(self.supervision_steps)]
+        step_batches = [next(self._batches, None) for _ in range(self.batches_per_step)]
         if any(batch is None for batch in step_batches):
             return None
         metrics = self._train_step(step_batches)  # type: ignore[arg-type]
@@ -334,25 +344,46 @@ class Trainer:
     def _micro_step(
         self, micro: int, rows: slice, batches: list[dict[str, Tensor]], step_terms: list[LossTerms], sums: Tensor, rows_before: int
     ) -> dict[str, float]:
-        """Forward this micro-batch's supervision steps (adding their metrics to ``sums``), then its JD/GD backward."""
-        config = self.config
-        for batch in batches:
+        """Forward this micro-batch's supervision steps (adding their metrics to ``sums``), then its JD/GD backward.
+
+        With the ACT carry each of ``batches`` feeds one step; in the ``same_batch`` loop (the study's
+        supervision stacks) the one batch runs from a fresh carry until every sample has halted."""
+        config, split = self.config, self.jd_step.split
+        schedule = batches * self.supervision_steps if split.same_batch_loop else batches
+        if split.same_batch_loop:
+            self.carries[micro] = None
+        for batch in schedule:
             micro_batch = {key: value[rows].to(self.dist.device, non_blocking=True) for key, value in batch.items()}
             if self.carries[micro] is None:
                 self.carries[micro] = self.loss_head.initial_carry(micro_batch)
-            carry, terms, metrics, _, _ = self.loss_head(
+            carry, terms, metrics, outputs, _ = self.loss_head(
                 self.carries[micro],
                 micro_batch,
                 global_batch_size=config.global_batch_size,
-                keep_cycle_logits=self.jd_step.split.needs_cycle_logits,
+                keep_cycle_logits=split.needs_cycle_logits,
+                differential_cycles=split.needs_differential_cycles,
                 carry_noise=config.jd.carry_perturbation_rate,
             )
             self.carries[micro] = carry
             step_terms.append(terms)
+            metrics["sample_steps"] = torch.tensor(float(carry.halted.shape[0]), device=sums.device)
             sums += torch.stack([metrics[name].float() if name in metrics else sums.new_zeros(()) for name in SUM_METRICS])
+            if self.sampler is not None:
+                self.sampler.observe(carry.data["puzzle_identifiers"], carry.halted, outputs["exact"])
+            if split.same_batch_loop and self._all_halted(carry):
+                break
+        if split.same_batch_loop:
+            self.carries[micro] = None  # the next step starts from a fresh carry on its own batch
         embedding = self.model.puzzle_embedding
         puzzle_rows = [r for _, r in embedding.pending_rows()[rows_before:]] if embedding is not None else []
         return self.jd_step.backward(step_terms, self.params, puzzle_rows)
+
+    def _all_halted(self, carry: ACTCarry) -> bool:
+        """Whether every sample has halted, agreed by all ranks when they aggregate one Jacobian (its m must agree)."""
+        done = carry.halted.all().float().reshape(1)
+        if self.jd_step.exact_global:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return bool(done.item())
 
     def _train_step(self, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         config = self.config
@@ -387,16 +418,10 @@ class Trainer:
         sums = checks[:-1]
         finite = bool(torch.isfinite(grad_norm.to(checks.device)) & torch.isfinite(checks).all() & (checks[-1] == 0))  # one sync
         if finite:
-            if config.grad_clip_norm is not None:
+            if config.grad_clip_norm is not None and self.params:
                 torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip_norm)
-            for group in self.optimizer.param_groups:
-                group["lr"] = config.lr * lr_scale
-            self.optimizer.step()
-            if self.sparse_optimizer is not None:
-                for group in self.sparse_optimizer.param_groups:
-                    group["lr"] = config.puzzle_emb_lr * lr_scale
-                self.sparse_optimizer.step()
-            if not _all_finite(self.params):
+            self.optimizers.step(lr_scale)
+            if not self.optimizers.weights_finite():
                 raise NonFiniteError(
                     f"the update of step {self.progress.step + 1} made the parameters non-finite (lr={config.lr} too high?); "
                     f"stopped without saving: {self._latest_checkpoint_phrase()}"
@@ -411,11 +436,11 @@ class Trainer:
                 self.model.puzzle_embedding.clear_pending()
             # A carry that went non-finite would poison its samples' next steps: restart it.
             self.carries = [None if carry is None or not carry_is_finite(carry) else carry for carry in self.carries]
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers.zero_grad()
 
         values = dict(zip(SUM_METRICS, sums.tolist()))
         halted = values.pop("count")
-        loss_divisor = config.global_batch_size * self.supervision_steps
+        loss_divisor = values.pop("sample_steps")  # samples x supervision steps run, over all ranks
         # Losses cover every sample; accuracy, exact_accuracy, q_halt_accuracy and steps average over the
         # samples that halted at this step, and are left out of the record when none did.
         out = {
@@ -429,6 +454,8 @@ class Trainer:
         out["train/skipped_nonfinite"] = float(self.progress.skipped_nonfinite)
         out["train/step_time_s"] = time.perf_counter() - started
         out.update(jd_metrics)
+        if self.sampler is not None:
+            out.update(self._sampling_stats)
         return out
 
     def _nonfinite_message(self) -> str:
@@ -454,6 +481,13 @@ class Trainer:
                 yield batch
             self.progress.iteration += 1
             self.progress.batch_in_iteration = 0
+            if self.sampler is not None:  # hard-example sampling: the next iterations draw by the counts so far
+                self._set_sampling_weights(self.sampler.end_iteration())
+
+    def _set_sampling_weights(self, identifier_weights: Any) -> None:
+        self.train_data.set_puzzle_weights(identifier_weights)
+        weights = self.train_data.puzzle_weights()
+        self._sampling_stats = {"train/sampling_weight_min": float(weights.min()), "train/sampling_weight_mean": float(weights.mean())}
 
     # -------------------------------------------------------------------------- evaluation
     def _evaluate_and_log(self) -> dict[str, float]:
@@ -487,6 +521,8 @@ class Trainer:
         """
         if self._saved_progress == self.progress.to_dict():
             return latest_checkpoint(self.run_dir) if self.dist.is_main else None
+        if self.sampler is not None:
+            self.sampler.sync()  # every rank's counts into the totals the checkpoint keeps
         carries = [None if carry is None else carry_to_dict(carry) for carry in self.carries]
         rank_state = {"rng": capture_rng(), "carries": carries}
         gathered: list[Any] = [rank_state]
@@ -498,8 +534,8 @@ class Trainer:
             return None
         state = {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "sparse_optimizer": None if self.sparse_optimizer is None else self.sparse_optimizer.state_dict(),
+            **self.optimizers.state_dict(),
+            "sampler": None if self.sampler is None else self.sampler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "progress": self.progress.to_dict(),
             "ranks": gathered,
@@ -525,11 +561,13 @@ class Trainer:
                 )
         load_model_state(self.model, state["model"], path)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.sparse_optimizer is not None and state.get("sparse_optimizer"):
-                self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
+            self.optimizers.load_state_dict(state)
+            if self.sampler is not None and state.get("sampler"):
+                self.sampler.load_state_dict(state["sampler"])
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
-            raise CheckpointError(f"{path}: optimizer state does not fit this model ({error})") from error
+            raise CheckpointError(f"{path}: optimizer or sampler state does not fit this run ({error})") from error
+        if self.sampler is not None:
+            self._set_sampling_weights(self.sampler.identifier_weights())
         if self.ema is not None:
             if state.get("ema") is None:
                 self.ema = EMA(self.model, self.config.ema_rate)  # the run had no EMA: start it from the loaded weights
@@ -619,18 +657,3 @@ def _grad_norm(params: list[Tensor]) -> Tensor:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every element is finite: a fast 2-norm, confirmed by max-abs (which cannot overflow)
-    only when the 2-norm is not finite."""
-    if not tensors:
-        return True
-    detached = [t.detach() for t in tensors]
-    if bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(detached)]).norm())):
-        return True
-    max_abs = torch._foreach_norm(detached, ord=math.inf)
-    return bool(torch.isfinite(torch.stack([n.float() for n in max_abs]).max()))
-
-
-def config_to_yaml(config: TrainConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(config.model_dump(mode="json")))
