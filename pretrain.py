@@ -141,10 +141,15 @@ def resume_hint(argv: list[str], run_dir: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- entry
-def execute(config_factory: Callable[[], TrainConfig], argv: list[str]) -> int:
-    """Build the config, run, and turn the expected failures into one line and an exit status."""
+def execute(config_factory: Callable[[], TrainConfig], argv: list[str], outcome: dict | None = None) -> int:
+    """Build the config, run, and turn the expected failures into one line and an exit status.
+
+    ``outcome`` (when given) receives the run's ``objective`` value: the final evaluation's metric that
+    ``config.objective`` names, NaN when the run failed or that metric was not evaluated."""
     from training.trainer import NonFiniteError
 
+    if outcome is not None:
+        outcome["objective"] = float("nan")
     try:
         config = config_factory()
         summary = run(config)
@@ -159,13 +164,23 @@ def execute(config_factory: Callable[[], TrainConfig], argv: list[str]) -> int:
         return EXIT_SIGINT
     if summary["status"].startswith("interrupted") and int(os.environ.get("RANK", "0")) == 0:
         print(f"Resume with: {resume_hint(argv, summary['run_dir'])}", flush=True)
+    if outcome is not None:
+        value = summary["eval"].get(config.objective)
+        if value is None:
+            report(f"note: objective={config.objective} was not evaluated (evaluated: {sorted(summary['eval'])}); the run returns NaN")
+        outcome["objective"] = float("nan") if value is None else float(value)
     return 0
 
 
 @hydra.main(config_path="config", config_name=CONFIG_NAME, version_base=None)
-def hydra_main(raw: DictConfig) -> None:
-    """Hydra's own command line (for ``--multirun``, ``--cfg``, ``--help`` and other flags)."""
+def hydra_main(raw: DictConfig) -> float:
+    """Hydra's own command line (``--multirun``, sweepers, ``--cfg``, ``--help`` and other flags).
+
+    Returns the run's ``objective`` (what a sweeper such as Optuna's optimises). In a multirun a failed
+    run returns NaN (its error line is printed) so that the sweep goes on; a single run exits with
+    its status."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     overrides = list(HydraConfig.get().overrides.task)
 
@@ -173,9 +188,11 @@ def hydra_main(raw: DictConfig) -> None:
         check_group_choices(overrides)
         return parse_config(raw)
 
-    status = execute(config_factory, overrides)
-    if status:
+    outcome: dict = {}
+    status = execute(config_factory, overrides, outcome)
+    if status and HydraConfig.get().mode != RunMode.MULTIRUN:
         sys.exit(status)
+    return outcome["objective"]
 
 
 def main(argv: list[str] | None = None) -> int:

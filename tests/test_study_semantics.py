@@ -248,3 +248,28 @@ def test_the_studys_fine_tuning_recipe_runs_end_to_end(sudoku_data: Path, tmp_pa
     source = torch.load(Path(pretrained["checkpoint"]), weights_only=True)["model"]
     tuned = torch.load(Path(summary["checkpoint"]), weights_only=True)["model"]
     assert all(torch.equal(source[k], tuned[k]) for k in source if k != "puzzle_embedding.weights")
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+def test_an_optuna_search_of_two_trials_runs_to_the_end(sudoku_data: Path, tmp_path: Path) -> None:
+    """``python pretrain.py -m hydra/sweeper=study_sweep``: each trial's return value is its objective."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    args = [sys.executable, str(REPO / "pretrain.py"), "-m", "hydra/sweeper=study_sweep", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.params={arch.H_cycles: 'choice(1, 2)', lr: 'interval(1e-4, 1e-3)'}",
+            *tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null")]
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    (found,) = (tmp_path / "multirun").glob("*/optimization_results.yaml")  # under runs_root
+    results = yaml.safe_load(found.read_text())
+    assert results["name"] == "optuna" and 0.0 <= results["best_value"] <= 1.0
+    assert "lr" in results["best_params"]  # searched; the arch values given on the command line stay fixed
+    runs = [p for p in (tmp_path / "sudoku4").iterdir() if (p / "summary.json").is_file()]
+    values = sorted(json.loads((p / "summary.json").read_text())["eval"]["eval/exact_accuracy"] for p in runs)
+    assert len(runs) == 2 and results["best_value"] == max(values)

@@ -101,6 +101,10 @@ class TrainConfig(BaseModel):
     log_interval: int = Field(default=1, ge=1)
     progress_bar: bool = True
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    objective: str = Field(
+        default="eval/exact_accuracy",
+        description="the final evaluation's metric a run returns to a Hydra sweeper (e.g. ARC/pass@2); NaN when absent",
+    )
 
     @field_validator("run_name", "project_name")
     @classmethod
@@ -147,7 +151,7 @@ class TrainConfig(BaseModel):
 TRAJECTORY_NEUTRAL_KEYS = (
     "project_name", "run_name", "runs_root", "run_dir", "load_checkpoint", "resume", "checkpoint_every_eval",
     "checkpoint_interval", "keep_last", "max_nonfinite_steps", "device", "compile", "log_interval", "progress_bar",
-    "wandb", "evaluators", "data_paths_test", "eval_max_batches", "min_eval_interval", "jd.diagnostics",
+    "wandb", "evaluators", "data_paths_test", "eval_max_batches", "min_eval_interval", "jd.diagnostics", "objective",
 )
 """Keys that do not change the training trajectory (where the run writes, what it logs or evaluates)."""
 
