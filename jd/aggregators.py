@@ -6,11 +6,12 @@ ones); lists become tensors where the argument is a tensor (``pref_vector``, ``C
 ``weights``, ``GradDrop``'s ``leak``, ...).
 
 ``upgrad`` and ``dualproj`` project onto a dual cone by solving one small quadratic program per
-objective. By default this project solves them with :class:`jd.projector.PivotingProjector`: exact
-(equal to TorchJD's quadprog solver up to round-off), batched, on the Gramian's device, and several
-times faster at tens of objectives. ``projector`` takes a dict ``{"solver": "pivoting" | "quadprog",
-"norm_eps": ..., "reg_eps": ...}``; ``solver: quadprog`` gives TorchJD's own
-:class:`~torchjd.linalg.QuadprogProjector`.
+objective. By default this project solves them with :class:`jd.projector.PivotingProjector`, exactly
+and unregularised (``reg_eps=0``), so that the update harms no objective, tiny gradients included;
+batched, on the Gramian's device. ``projector`` takes a dict ``{"solver": "pivoting" | "quadprog",
+"norm_eps": ..., "reg_eps": ...}``: ``{reg_eps: 1e-4}`` reproduces TorchJD's regularised programs (equal
+to its quadprog solver up to round-off), ``solver: quadprog`` uses TorchJD's own
+:class:`~torchjd.linalg.QuadprogProjector` (regularised, ``reg_eps=1e-4`` by default).
 
 Notes on a few names:
 

@@ -16,7 +16,9 @@ the GD loss (all but the internal-cycle stacks, see :mod:`jd.splits`).
   multiplies ``d`` by ``m``, see :mod:`jd.splits`) relative to the GD gradient; equivalently
   ``||d|| / ||J^T 1 / m||``, the aggregate relative to the mean gradient. 1 for ``mean``.
 * ``jd/update_alignment_min``: ``min_i cos(d, g_i)`` over objectives with a non-zero gradient
-  ``g_i``; non-negative when the update conflicts with no objective (UPGrad's guarantee).
+  ``g_i``; non-negative when the update conflicts with no objective: UPGrad's and DualProj's guarantee
+  with this project's default exact projector (TorchJD's regularised one, ``reg_eps=1e-4``, does not
+  guarantee it for objectives with a small share of the Gramian's trace).
 * ``jd/num_objectives``: ``m``.
 * ``jd/gramian_min``, ``jd/gramian_mean``, ``jd/gramian_median``: statistics of all entries of ``G``;
   ``jd/gramian_diag_min``, ``jd/gramian_diag_mean``: of its diagonal (squared gradient norms).

@@ -13,12 +13,24 @@ complementarity problems
 
     x >= 0,   y = G x + G u >= 0,   x_i y_i = 0,
 
-which for a positive-definite ``G`` (it is regularised, as TorchJD does) have one solution, found in a
-few iterations by block principal pivoting (Judice and Pires, 1994): guess which coordinates are free
-(``x_i`` unknown, ``y_i = 0``), solve the free block, and swap every coordinate whose sign is wrong,
-falling back to swapping one coordinate at a time (Murty's rule, which always terminates) when the
-number of wrong signs stops falling. Each iteration is one batched Cholesky solve of the ``k``
-programs' free blocks.
+found in a few iterations by block principal pivoting (Judice and Pires, 1994): guess which
+coordinates are free (``x_i`` unknown, ``y_i = 0``), solve the free block, and swap every coordinate
+whose sign is wrong, falling back to swapping one coordinate at a time (Murty's rule) when the number
+of wrong signs stops falling. Each iteration is one batched solve of the ``k`` programs' free blocks.
+
+Exact by default (``reg_eps=0``). ``y = G v`` is the vector of inner products of every objective's
+gradient with the projection, so ``y >= 0`` is what makes the update conflict-free. TorchJD solves the
+programs on ``G / trace(G) + reg_eps I`` (``reg_eps = 1e-4``), which only keeps ``(G v)_j`` above
+``-reg_eps * trace(G) * v_j``: an objective whose squared gradient norm is a small share of the trace
+can then be harmed (cosines of -0.2 were found with 68 objectives). Here the programs are solved on
+``G / trace(G)`` itself, a positive *semi*-definite matrix when gradients are duplicated or dependent:
+free blocks are solved by Cholesky, or by the pseudo-inverse when singular (the systems are consistent,
+since ``q = G u`` lies in ``G``'s range), and a solution is accepted only when every ``y_j`` is
+non-negative to round-off *relative to that objective's gradient norm*
+(``y_j >= -1e-10 * sqrt(G_jj) * sqrt(v^T G v)``, i.e. a cosine of at least ``-1e-10``). Programs that
+pivoting does not settle fall back to the regularised program with ``reg_eps = 1e-12``, warm-started,
+whose violation is bounded by ``1e-12 * trace(G) * v_j``. ``reg_eps > 0`` reproduces TorchJD's
+regularised behaviour (with ``solver=quadprog``: TorchJD's own solver).
 
 Example:
     >>> import torch
@@ -36,6 +48,9 @@ from torchjd.linalg import DualConeProjector, QuadprogProjector
 
 _BACKUP_ROUNDS = 3  # full exchanges allowed without progress before single swaps (Judice and Pires' p)
 _RELATIVE_TOLERANCE = 1e-10
+_ROUNDOFF = 1e-13  # float64 round-off allowance of y = G v, relative to sum_k sqrt(G_kk) |v_k|
+_EXACT_PIVOTING_ROUNDS = 25  # exact programs left unsolved after this many rounds go to Lawson-Hanson
+_SINGULAR_PIVOT = 1e-7  # a Cholesky pivot this small relative to the largest: solve by pseudo-inverse
 
 
 class PivotingProjector(DualConeProjector):
@@ -44,16 +59,17 @@ class PivotingProjector(DualConeProjector):
     Args:
         norm_eps: the Gramian is divided by its trace unless the trace is below ``norm_eps`` (then
             it is taken as zero), as TorchJD's projector does.
-        reg_eps: added to the normalised Gramian's diagonal, so that it is positive definite.
-        max_iterations: pivoting iterations before the programs still unsolved are handed to
-            TorchJD's quadprog projector; ``None``: ``4 m + 20``. Pivoting needs a handful in
-            practice.
+        reg_eps: added to the normalised Gramian's diagonal. ``0`` (the default): the exact,
+            conflict-free programs (see the module docstring); TorchJD's default is ``1e-4``.
+        max_iterations: pivoting iterations before the programs still unsolved fall back (to the
+            barely regularised program when exact, to TorchJD's quadprog projector when
+            regularised); ``None``: ``4 m + 20``. Pivoting needs a handful in practice.
 
-    The result equals :class:`~torchjd.linalg.QuadprogProjector`'s with the same ``norm_eps`` and
-    ``reg_eps`` up to solver round-off (``tests/test_jd_projector.py``).
+    With ``reg_eps > 0`` the result equals :class:`~torchjd.linalg.QuadprogProjector`'s with the same
+    ``norm_eps`` and ``reg_eps`` up to solver round-off (``tests/test_jd_projector.py``).
     """
 
-    def __init__(self, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iterations: int | None = None) -> None:
+    def __init__(self, *, norm_eps: float = 1e-4, reg_eps: float = 0.0, max_iterations: int | None = None) -> None:
         if norm_eps < 0 or reg_eps < 0:
             raise ValueError(f"norm_eps and reg_eps must be non-negative, got norm_eps={norm_eps}, reg_eps={reg_eps}")
         if max_iterations is not None and max_iterations < 1:
@@ -70,11 +86,32 @@ class PivotingProjector(DualConeProjector):
         gramian = _regularized(G.detach().to(torch.float64), self.norm_eps, self.reg_eps)
         lower = U.detach().reshape(-1, m).to(device=G.device, dtype=torch.float64)
         limit = self.max_iterations if self.max_iterations is not None else 4 * m + 20
-        excess, solved = solve_lcp(gramian, lower @ gramian, limit)
-        weights = lower + excess
-        if not bool(solved.all()):
-            weights[~solved] = self._fallback(lower[~solved], G)
+        if self.reg_eps > 0:
+            excess, solved = solve_lcp(gramian, lower @ gramian, limit)
+            weights = lower + excess
+            if not bool(solved.all()):
+                weights[~solved] = self._fallback(lower[~solved], G)
+        else:
+            weights = self._exact(gramian, lower, limit)
         return weights.reshape(U.shape).to(G.dtype)
+
+    @staticmethod
+    def _exact(gramian: Tensor, lower: Tensor, limit: int) -> Tensor:
+        """The unregularised programs, on the unit-diagonal ``D G D`` (``D = diag(G)^{-1/2}``): the same
+        complementarity problem in ``x / D`` and ``D y``, whose round-off is then relative to each
+        objective's own gradient norm. Pivoting first (a few rounds: on a semi-definite matrix it may
+        cycle), then Lawson and Hanson's active-set method, which terminates, for the programs left."""
+        diagonal = gramian.diagonal().clamp_min(0)
+        scale = torch.where(diagonal > 0, diagonal.rsqrt(), torch.ones_like(diagonal))
+        unit = gramian * scale[:, None] * scale[None, :]
+        row_scale = (diagonal > 0).to(unit.dtype)
+        scaled_lower = lower / scale
+        offsets = scaled_lower @ unit
+        rounds = min(limit, _EXACT_PIVOTING_ROUNDS)
+        excess, solved = solve_lcp(unit, offsets, rounds, row_scale=row_scale, lower=scaled_lower)
+        if not bool(solved.all()):
+            excess[~solved] = nnls_gram(unit, offsets[~solved], scaled_lower[~solved], row_scale, limit)
+        return lower + excess * scale
 
     def _fallback(self, lower: Tensor, G: Tensor) -> Tensor:
         return QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps)(lower, G).to(torch.float64)
@@ -87,13 +124,19 @@ def _regularized(gramian: Tensor, norm_eps: float, reg_eps: float) -> Tensor:
     return normalized + reg_eps * torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
 
 
-def solve_lcp(matrix: Tensor, offsets: Tensor, max_iterations: int) -> tuple[Tensor, Tensor]:
+def solve_lcp(
+    matrix: Tensor, offsets: Tensor, max_iterations: int, row_scale: Tensor | None = None, lower: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Solve ``x >= 0, y = matrix x + q >= 0, x * y = 0`` for every row ``q`` of ``offsets``.
 
     Args:
-        matrix: ``[m, m]``, symmetric positive definite.
+        matrix: ``[m, m]``, symmetric positive definite (or semi-definite with ``q`` in its range).
         offsets: ``[k, m]``, one problem per row.
         max_iterations: pivoting iterations at most.
+        row_scale, lower: ``[m]`` and ``[k, m]`` with ``offsets = lower @ matrix``; when given, ``y_j``
+            counts as non-negative down to ``-1e-10 * row_scale_j * sqrt(v^T matrix v)`` with
+            ``v = lower + x`` the projection: a tolerance relative to objective ``j``'s own gradient
+            norm (``row_scale = sqrt(diag(matrix))``), instead of to the problem's largest entry.
 
     Returns:
         ``x`` of shape ``[k, m]`` and a ``[k]`` mask of the problems solved within ``max_iterations``
@@ -109,7 +152,14 @@ def solve_lcp(matrix: Tensor, offsets: Tensor, max_iterations: int) -> tuple[Ten
     for iteration in range(max_iterations + 1):
         y = (x @ matrix + offsets).masked_fill(free, 0.0)
         scale = _RELATIVE_TOLERANCE * (x.abs().amax(1, keepdim=True) + offsets.abs().amax(1, keepdim=True) + 1e-30)
-        wrong = (free & (x < -scale)) | (~free & (y < -scale))
+        y_scale = scale
+        if row_scale is not None and lower is not None:
+            v = x + lower
+            quadratic = (v * (x @ matrix + offsets)).sum(1, keepdim=True)  # v^T G v, with G v = G x + q
+            # |y_j| <= sqrt(G_jj) sqrt(v^T G v) by Cauchy-Schwarz; its round-off is ~eps * sqrt(G_jj) sum_k sqrt(G_kk) |v_k|.
+            roundoff = _ROUNDOFF * (v.abs() * row_scale).sum(1, keepdim=True)
+            y_scale = row_scale * (_RELATIVE_TOLERANCE * quadratic.clamp_min(0).sqrt() + roundoff) + 1e-300
+        wrong = (free & (x < -scale)) | (~free & (y < -y_scale))
         count = wrong.sum(1)
         unsolved = count > 0
         if iteration == max_iterations or not bool(unsolved.any()):
@@ -125,12 +175,52 @@ def solve_lcp(matrix: Tensor, offsets: Tensor, max_iterations: int) -> tuple[Ten
     return x.clamp_min(0.0), ~unsolved
 
 
+def _tolerance(v: Tensor, gradient: Tensor, row_scale: Tensor) -> Tensor:
+    """Per problem and objective, how negative ``y_j = (matrix v)_j`` may be from round-off (see :func:`solve_lcp`)."""
+    quadratic = (v * gradient).sum(1, keepdim=True).clamp_min(0).sqrt()
+    return row_scale * (_RELATIVE_TOLERANCE * quadratic + _ROUNDOFF * (v.abs() * row_scale).sum(1, keepdim=True)) + 1e-300
+
+
+def nnls_gram(matrix: Tensor, offsets: Tensor, lower: Tensor, row_scale: Tensor, max_iterations: int) -> Tensor:
+    """``x >= 0`` minimising ``x^T matrix x / 2 + q^T x`` for every row ``q`` of ``offsets`` (``= lower @ matrix``,
+    ``matrix`` PSD) by Lawson and Hanson's active-set method, batched: ``y = matrix x + q >= 0`` up to
+    :func:`_tolerance`. Each outer iteration frees the most negative ``y_j`` of every unfinished problem;
+    the inner loop moves towards the free block's solution, dropping coordinates that would turn negative."""
+    k, m = offsets.shape
+    x = torch.zeros_like(offsets)
+    free = torch.zeros(k, m, dtype=torch.bool, device=offsets.device)
+    for _ in range(max_iterations):
+        y = x @ matrix + offsets
+        candidates = ~free & (y < -_tolerance(x + lower, y, row_scale))
+        rows = candidates.any(1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        free[rows, torch.where(candidates[rows], y[rows], torch.inf).argmin(1)] = True
+        for _ in range(m):
+            z = _solve_free_block(matrix, offsets[rows], free[rows])
+            shrinking = free[rows] & (z <= 0)
+            settled = ~shrinking.any(1)
+            x[rows[settled]] = z[settled]
+            rows, z, shrinking = rows[~settled], z[~settled], shrinking[~settled]
+            if rows.numel() == 0:
+                break
+            current = x[rows]
+            ratios = torch.where(shrinking, current / (current - z).clamp_min(1e-300), torch.inf).amin(1, keepdim=True)
+            x[rows] = current + ratios.clamp(0, 1) * (z - current)
+            free[rows] &= x[rows] > 0
+    return x.clamp_min(0.0)
+
+
 def _solve_free_block(matrix: Tensor, offsets: Tensor, free: Tensor) -> Tensor:
-    """``x`` with ``x_F = -matrix_FF^{-1} q_F`` on each problem's free set ``F`` and ``0`` elsewhere."""
+    """``x`` with ``x_F = -matrix_FF^{-1} q_F`` on each problem's free set ``F`` and ``0`` elsewhere
+    (the minimum-norm solution when ``matrix_FF`` is singular: duplicated or dependent gradients)."""
     both_free = free[:, :, None] & free[:, None, :]
     system = torch.where(both_free, matrix, 0.0) + torch.diag_embed((~free).to(matrix.dtype))
     rhs = -(offsets * free).unsqueeze(-1)
     factor, info = torch.linalg.cholesky_ex(system)
-    if bool((info == 0).all()):
-        return torch.cholesky_solve(rhs, factor).squeeze(-1)
-    return torch.linalg.solve(system, rhs).squeeze(-1)  # round-off made a block indefinite
+    pivots = factor.diagonal(dim1=-2, dim2=-1)
+    singular = (info != 0) | (pivots.amin(-1) <= _SINGULAR_PIVOT * pivots.amax(-1))
+    solution = torch.cholesky_solve(rhs, factor).squeeze(-1)
+    if bool(singular.any()):  # duplicated or dependent gradients: the consistent system's minimum-norm solution
+        solution[singular] = (torch.linalg.pinv(system[singular], hermitian=True) @ rhs[singular]).squeeze(-1)
+    return solution

@@ -234,3 +234,11 @@ def test_export_writes_the_keys_the_reference_model_has() -> None:
     exported = to_reference_state(model.state_dict(), compiled=False)
     raw = read_state(FIXTURE / "checkpoints" / "hrm_sudoku" / "step_5")
     assert exported.keys() == raw.keys() and all(torch.equal(exported[k], raw[k]) for k in raw)
+
+
+def test_the_visualiser_draws_a_reference_checkpoint(tmp_path: Path) -> None:
+    from analysis.visualize_recursion import main as visualize_main
+
+    out = tmp_path / "recursion.png"
+    status = visualize_main([str(FIXTURE / "checkpoints" / "trm_arc"), "--data", str(FIXTURE / "arc"), "--index", "0", "--out", str(out), "--device", "cpu"])
+    assert status == 0 and out.stat().st_size > 10_000

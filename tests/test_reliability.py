@@ -331,7 +331,7 @@ def test_restart_rules_need_a_directory_that_can_be_found_again(sudoku_data: Pat
 def _training_state(trainer: Trainer) -> dict[str, Any]:
     return {
         "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-        "optimizer": {k: {n: t.clone() for n, t in s.items()} for k, s in trainer.optimizer.state_dict()["state"].items()},
+        "optimizer": {k: {n: t.clone() for n, t in s.items()} for k, s in trainer.optimizers.weights.state_dict()["state"].items()},
         "ema": {k: v.clone() for k, v in trainer.ema.state_dict().items()} if trainer.ema is not None else None,
     }
 
