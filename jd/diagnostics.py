@@ -100,3 +100,39 @@ def _metrics(gramian: Tensor, projections: Tensor, update_sq_norm: Tensor, weigh
     result = dict(zip(names, (float(x) for x in numbers)))
     result["jd/num_objectives"] = float(m)
     return result
+
+
+def reduce_step_diagnostics(records: list[dict[str, float]], world_size: int = 1, device: torch.device | None = None) -> dict[str, float]:
+    """The diagnostics of one optimizer step from those of its micro-batches on every rank.
+
+    Each micro-batch (and, with ``jd.distributed=local``, each rank) aggregates its own Jacobian, so a
+    step has several updates: the ``*_min`` metrics take the minimum over them, ``*_max`` the maximum,
+    ``jd/skipped_nonfinite`` (a running count) the largest, and the others the mean. A collective
+    when ``world_size > 1`` (every rank must call it, with the same keys).
+
+    Example:
+        >>> reduce_step_diagnostics([{"jd/gd_similarity": 0.5, "jd/update_alignment_min": -0.1},
+        ...                          {"jd/gd_similarity": 1.0, "jd/update_alignment_min": 0.2}])
+        {'jd/gd_similarity': 0.75, 'jd/update_alignment_min': -0.1}
+    """
+    records = [r for r in records if r]
+    if not records:
+        return {}
+    keys = sorted(set().union(*records))
+    kinds = {key: "min" if key.endswith("_min") else "max" if key.endswith("_max") or key == "jd/skipped_nonfinite" else "mean" for key in keys}
+    values = torch.tensor([[r.get(k, float("nan")) for k in keys] for r in records], dtype=torch.float64)
+    present = ~values.isnan()
+    means = values.nan_to_num(0.0).sum(0) / present.sum(0).clamp_min(1)
+    lows = values.nan_to_num(float("inf")).amin(0)
+    highs = values.nan_to_num(float("-inf")).amax(0)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        packed = torch.stack([means, lows, -highs]).to(device or torch.device("cpu"))
+        sums = packed[0].clone()
+        dist.all_reduce(sums)
+        extremes = packed[1:].clone()
+        dist.all_reduce(extremes, op=dist.ReduceOp.MIN)
+        means, lows, highs = (sums / world_size).cpu(), extremes[0].cpu(), -extremes[1].cpu()
+    chosen = {"mean": means, "min": lows, "max": highs}
+    return {key: float(chosen[kinds[key]][index]) for index, key in enumerate(keys)}

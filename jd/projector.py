@@ -37,7 +37,7 @@ Example:
     >>> from torchjd.aggregation import UPGrad
     >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])  # two conflicting objectives
     >>> UPGrad(projector=PivotingProjector())(J)
-    tensor([0.2929, 1.9004, 1.9004])
+    tensor([0.2924, 1.9006, 1.9006])
 """
 
 from __future__ import annotations

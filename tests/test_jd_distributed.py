@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from jd.config import JDConfig
+from jd.diagnostics import reduce_step_diagnostics
 from jd.step import build_jd_step
 from tests.test_jd_step import flat_grads, make_batch, make_model, run_steps
 
@@ -68,6 +69,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         half = GLOBAL_B // WORLD
         part = slice(rank * half, (rank + 1) * half)
         results = {name: _run(JDConfig(**kwargs), part, world_size=WORLD) for name, kwargs in SCENARIOS.items()}
+        # Two micro-batches' diagnostics on this rank, reduced over micro-batches and ranks.
+        records = [{"jd/gd_similarity": 0.2 + rank, "jd/update_alignment_min": -rank, "jd/weights_max": 3.0 * rank},
+                   {"jd/gd_similarity": 0.4 + rank, "jd/update_alignment_min": 0.5, "jd/weights_max": 1.0}]
+        results["reduced"] = reduce_step_diagnostics(records, WORLD)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -130,3 +135,11 @@ def test_autogram_is_refused_where_the_global_gramian_is_needed() -> None:
     with pytest.raises(ValueError, match="distributed=local"):
         build_jd_step(JDConfig(split="iwrm_with_q_halt_in", engine="autogram", distributed="global"), world_size=2)
     build_jd_step(JDConfig(split="iwrm_with_q_halt_in", engine="autogram", distributed="local"), world_size=2)
+
+
+@pytest.mark.slow
+def test_diagnostics_describe_the_whole_step_on_every_rank(two_ranks: list[dict[str, Any]]) -> None:
+    """jd/* of a step: mean over micro-batches and ranks, min / max of the extremes, the same on every rank."""
+    expected = {"jd/gd_similarity": (0.2 + 0.4 + 1.2 + 1.4) / 4, "jd/update_alignment_min": -1.0, "jd/weights_max": 3.0}
+    for result in two_ranks:
+        assert result["reduced"] == pytest.approx(expected)

@@ -46,6 +46,7 @@ from dataset.common import DatasetError
 from dataset.puzzle_dataset import PuzzleDataset
 from evaluators.base import Evaluator
 from jd.autogram_engine import check_autogram_fits
+from jd.diagnostics import reduce_step_diagnostics
 from jd.splits import validate_split
 from jd.step import build_jd_step
 from models.ema import EMA
@@ -395,15 +396,17 @@ class Trainer:
         sums = torch.zeros(len(SUM_METRICS), device=self.dist.device)
         local_bad = torch.zeros(1, device=self.dist.device)  # non-finite signs only this rank can see
         jd_skipped_before = self.jd_step.skipped_nonfinite
-        jd_metrics: dict[str, float] = {}
+        micro_metrics: list[dict[str, float]] = []
         for micro in range(config.grad_accum_steps):
             rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
             step_terms = []
             embedding = self.model.puzzle_embedding
             rows_before = len(embedding.pending_rows()) if embedding is not None else 0
             with self.jd_step.forward_context(self.model, self.micro_batch):
-                jd_metrics = self._micro_step(micro, rows, batches, step_terms, sums, rows_before)
+                micro_metrics.append(self._micro_step(micro, rows, batches, step_terms, sums, rows_before))
         self.jd_step.finish(self.params)
+        # jd/* describe the optimizer step: every micro-batch's and every rank's update (mean; min/max for extremes).
+        jd_metrics = reduce_step_diagnostics(micro_metrics, self.dist.world_size, self.dist.device) if not self.jd_step.split.is_gd else {}
 
         grad_norm = _grad_norm(self.params)
         if self.jd_step.skipped_nonfinite > jd_skipped_before:  # non-finite objectives, Gramian or update
