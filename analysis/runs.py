@@ -29,8 +29,8 @@ WANDB_PREFIX = "wandb:"
 GD_SPLIT = "none"
 GD_AGGREGATOR = "gd"
 UNKNOWN = "?"
-LABEL_FIELDS = ("split", "aggregator", "seed", "arch", "data", "project")
-DEFAULT_GROUP_BY = ("split", "aggregator")
+LABEL_FIELDS = ("split", "method", "aggregator", "seed", "arch", "data", "project")
+DEFAULT_GROUP_BY = ("split", "method")
 
 # Folders inside a run directory (or next to runs) that never hold runs of their own.
 _SKIPPED_FOLDERS = frozenset({"wandb", "checkpoints", "__pycache__"})
@@ -165,11 +165,21 @@ class Run:
 
     @property
     def aggregator(self) -> str:
-        """``jd.aggregator``, or ``"gd"`` for GD runs (where the configured aggregator is never used)."""
+        """``jd.aggregator`` (``upgrad`` when unset), ``"gd"`` for GD runs, ``"-"`` for scalarizer runs."""
         if self.is_gd:
             return GD_AGGREGATOR
+        if _config_value(self.config, "jd.scalarizer"):
+            return "-"
         value = _config_value(self.config, "jd.aggregator")
-        return UNKNOWN if value is None else str(value)
+        return "upgrad" if value is None else str(value)
+
+    @property
+    def method(self) -> str:
+        """How the objectives became one update: ``gd``, ``aggregator:NAME`` or ``scalarizer:NAME``."""
+        if self.is_gd:
+            return GD_AGGREGATOR
+        scalarizer = _config_value(self.config, "jd.scalarizer")
+        return f"scalarizer:{scalarizer}" if scalarizer else f"aggregator:{self.aggregator}"
 
     @property
     def seed(self) -> int | None:
@@ -255,9 +265,9 @@ def group_runs(runs: Sequence[Run], fields: Sequence[str]) -> dict[tuple[str, ..
 def group_name(key: Sequence[str], fields: Sequence[str]) -> str:
     """A short legend text for a group: its label values; the split is dropped for GD groups."""
     pairs = list(zip(fields, key))
-    if ("split", GD_SPLIT) in pairs and ("aggregator", GD_AGGREGATOR) in pairs:
+    if ("split", GD_SPLIT) in pairs and (("aggregator", GD_AGGREGATOR) in pairs or ("method", GD_AGGREGATOR) in pairs):
         pairs = [(f, v) for f, v in pairs if f != "split"]
-    return " / ".join(v if f in ("split", "aggregator", "arch", "data") else f"{f}={v}" for f, v in pairs)
+    return " / ".join(v if f in ("split", "method", "aggregator", "arch", "data") else f"{f}={v}" for f, v in pairs)
 
 
 def read_metrics_file(path: Path) -> MetricTable:

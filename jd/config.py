@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class JDConfig(BaseModel):
     """How the loss is split into objectives and how their Jacobian is aggregated.
 
     ``split="none"`` is plain gradient descent on the usual weighted sum: no JD machinery runs.
+    ``aggregator`` (UPGrad when neither is given) and ``scalarizer`` (a loss-weighting baseline: one
+    backward of the scalarized objectives, :mod:`jd.scalarizers`) are alternatives, never both.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     split: str = "none"
-    aggregator: str = "upgrad"
+    aggregator: str | None = Field(default=None, description="a TorchJD aggregator by name; null: upgrad, unless jd.scalarizer is set")
     aggregator_kwargs: dict[str, Any] = Field(default_factory=dict, description="null in YAML, so that Hydra can override it with a dict")
+    scalarizer: str | None = Field(default=None, description="a TorchJD scalarizer by name (loss weighting, one backward) instead of an aggregator")
+    scalarizer_kwargs: dict[str, Any] = Field(default_factory=dict, description="null in YAML, so that Hydra can override it with a dict")
     n_groups: int | None = Field(default=None, ge=1)
     engine: Literal["auto", "per_sample", "gramian", "autojac", "autogram"] = "auto"
     distributed: Literal["local", "global"] = "local"
@@ -44,10 +48,35 @@ class JDConfig(BaseModel):
         "k > 1 or None (all) batch them with torch.vmap, holding k rows' intermediate gradients at once",
     )
 
-    @field_validator("aggregator_kwargs", mode="before")
+    @field_validator("aggregator_kwargs", "scalarizer_kwargs", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _one_method(self) -> JDConfig:
+        if self.aggregator is not None and self.scalarizer is not None:
+            raise ValueError(
+                f"jd.aggregator={self.aggregator} and jd.scalarizer={self.scalarizer}: give one (an aggregator combines the "
+                "objectives' gradients, a scalarizer their values)"
+            )
+        if self.aggregator_kwargs and self.scalarizer is not None:
+            raise ValueError("jd.aggregator_kwargs was given with jd.scalarizer; use jd.scalarizer_kwargs")
+        if self.scalarizer_kwargs and self.scalarizer is None:
+            raise ValueError("jd.scalarizer_kwargs was given without jd.scalarizer")
+        return self
+
+    @property
+    def aggregator_name(self) -> str:
+        """The aggregator in use: ``jd.aggregator``, or ``upgrad`` when none was named."""
+        return self.aggregator or "upgrad"
+
+    @property
+    def method(self) -> str:
+        """``gd``, ``aggregator:NAME`` or ``scalarizer:NAME``: how the objectives become one update."""
+        if self.split == "none":
+            return "gd"
+        return f"scalarizer:{self.scalarizer}" if self.scalarizer else f"aggregator:{self.aggregator_name}"
 
     def check_compilable(self) -> None:
         """Raise ``ValueError`` if a ``torch.compile``-d model cannot run this config: ``torch.vmap``

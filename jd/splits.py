@@ -405,6 +405,19 @@ class SplitSpec:
         H = len(cycles) if cycles is not None else 1
         return self.num_shared(batch_size=first.lm.shape[0], seq_len=first.lm.shape[1], H_cycles=H, supervision_steps=len(steps))
 
+    def global_num_objectives(
+        self, *, batch_size: int, seq_len: int, H_cycles: int, halt_max_steps: int, world_size: int, n_groups: int | None
+    ) -> int | None:
+        """``m`` over all ranks for one micro-batch per rank (shared objectives once, per-instance ones per
+        rank), after ``jd.n_groups``; ``None`` when it changes from step to step (the ``same_batch`` loop)."""
+        if self.same_batch_loop:
+            return None
+        sizes = dict(batch_size=batch_size, seq_len=seq_len, H_cycles=H_cycles, supervision_steps=self.supervision_steps(halt_max_steps))
+        m, shared = self.num_objectives(**sizes), self.num_shared(**sizes)
+        if n_groups is not None:
+            m, shared = min(n_groups, m), (min(n_groups, m) if shared == m else 0)
+        return shared + world_size * (m - shared)
+
     def describe(self) -> str:
         """The registered function's docstring: what ``m`` is and how each objective is formed."""
         return (self._entry.fn.__doc__ or "").strip()

@@ -90,6 +90,7 @@ from jd.diagnostics import diagnostics_from_update, diagnostics_from_weights
 from jd.global_engine import global_update
 from jd.jacobian_engine import local_update
 from jd.per_sample_engine import per_sample_update
+from jd.scalarizers import ScalarizerStep, global_values, scalarized_backward, validate_scalarizer
 from jd.splits import SplitSpec, group_objectives, split_from_config
 from jd.update import JDUpdate, accumulate_grad, unflatten
 from models.loss_terms import LossTerms
@@ -129,10 +130,15 @@ class JDStep:
         self._aggregator: Aggregator | None = None
         self._aggregator_m: int | None = None
         self.engine = "gd"
+        self.scalarizer: ScalarizerStep | None = None
         if split.is_gd:
             return
-        validate_aggregator(config.aggregator, config.aggregator_kwargs)
-        probe = build_aggregator(config.aggregator, config.aggregator_kwargs, num_objectives=2)
+        if config.scalarizer is not None:  # a loss-weighting baseline: one backward, GD's price
+            self.engine = "scalarizer"
+            validate_scalarizer(config.scalarizer, config.scalarizer_kwargs)
+            return
+        validate_aggregator(config.aggregator_name, config.aggregator_kwargs)
+        probe = build_aggregator(config.aggregator_name, config.aggregator_kwargs, num_objectives=2)
         gramian_capable = gramian_weighting(probe) is not None
         per_sample_ok = split.name in PER_SAMPLE_SPLITS and gramian_capable and not self.exact_global
         if config.engine == "auto":  # per-sample gradients pay off where the objectives are per instance
@@ -143,12 +149,12 @@ class JDStep:
             raise ValueError(
                 f"jd.engine=per_sample needs a split among {sorted(PER_SAMPLE_SPLITS)}, a Gramian-weighted aggregator "
                 "and no global aggregation (a single process, or jd.distributed=local with a per-instance split) "
-                f"(got jd.split={split.name}, jd.aggregator={config.aggregator}, {self.world_size} process(es)); "
+                f"(got jd.split={split.name}, jd.aggregator={config.aggregator_name}, {self.world_size} process(es)); "
                 "use jd.engine=auto"
             )
         if self.engine in ("gramian", "autogram") and not gramian_capable:
             raise ValueError(
-                f"jd.engine={self.engine} needs weights computed from the Gramian, but jd.aggregator={config.aggregator} "
+                f"jd.engine={self.engine} needs weights computed from the Gramian, but jd.aggregator={config.aggregator_name} "
                 "aggregates the Jacobian itself; use jd.engine=autojac (or auto)"
             )
         if self.engine == "autogram" and self.exact_global:
@@ -156,7 +162,7 @@ class JDStep:
                 f"jd.engine=autogram computes only this rank's Gramian, but jd.split={split.name} with {world_size} ranks "
                 "needs the global one; use jd.engine=gramian (or auto), or jd.distributed=local for a per-instance split"
             )
-        if not needs_num_objectives(config.aggregator, config.aggregator_kwargs):
+        if not needs_num_objectives(config.aggregator_name, config.aggregator_kwargs):
             self._aggregator = probe  # never used yet, so a stateful aggregator starts fresh
 
     # ------------------------------------------------------------------------------ properties
@@ -202,6 +208,13 @@ class JDStep:
         ``steps`` holds one :class:`LossTerms` per supervision step (one unless the split is a
         supervision stack). Returns ``jd/...`` metrics (empty for ``jd.split=none``).
         """
+        if self.engine == "scalarizer":
+            objectives, shared = self._objectives(steps)
+            if self.scalarizer is None:
+                raise RuntimeError("jd.scalarizer: call JDStep.build_scalarizer(m) before the first backward")
+            metrics = scalarized_backward(objectives, shared, self.scalarizer, self._collective)
+            self._needs_finish_reduce = True  # the weights' gradients are rank-local, as in GD
+            return {**metrics, "jd/skipped_nonfinite": float(self._skipped)}
         if self.split.is_gd:
             total = steps[0].total()
             for terms in steps[1:]:
@@ -226,12 +239,7 @@ class JDStep:
             self._needs_finish_reduce = self.world_size > 1
             return self._apply(update, params, rows)
 
-        objectives = self.split.objectives(steps)
-        shared = self.split.shared_count(steps)
-        if self.config.n_groups is not None:
-            fully_shared = shared == objectives.shape[0]
-            objectives = group_objectives(objectives, self.config.n_groups, self._generator)
-            shared = objectives.shape[0] if fully_shared else 0
+        objectives, shared = self._objectives(steps)
         params = [p for p in params if p.requires_grad]
         rows = [r for r in puzzle_rows if r.requires_grad]
 
@@ -265,6 +273,32 @@ class JDStep:
 
         return self._apply(update, params, rows)
 
+    def _objectives(self, steps: Sequence[LossTerms]) -> tuple[Tensor, int]:
+        """The split's objectives (bucketed by ``jd.n_groups``) and how many lead as shared ones."""
+        objectives = self.split.objectives(steps)
+        shared = self.split.shared_count(steps)
+        if self.config.n_groups is not None:
+            fully_shared = shared == objectives.shape[0]
+            objectives = group_objectives(objectives, min(self.config.n_groups, objectives.shape[0]), self._generator)
+            shared = objectives.shape[0] if fully_shared else 0
+        return objectives, shared
+
+    # ------------------------------------------------------------------------------ scalarizers
+    def build_scalarizer(self, num_objectives: int | None, device: torch.device) -> ScalarizerStep | None:
+        """Build ``jd.scalarizer`` for ``num_objectives`` (global ``m``; ``None`` when it varies). Raises
+        ``ValueError`` when the scalarizer needs a fixed ``m``. Returns it (``None`` without a scalarizer)."""
+        if self.engine == "scalarizer" and self.scalarizer is None:
+            assert self.config.scalarizer is not None
+            self.scalarizer = ScalarizerStep(self.config.scalarizer, self.config.scalarizer_kwargs, num_objectives=num_objectives, device=device)
+        return self.scalarizer
+
+    def recomputed(self, steps: Sequence[LossTerms]) -> None:
+        """FAMO: its task-weight update from the objectives recomputed on the step's batch after the
+        optimizer step (``steps`` from forwards without gradient). A no-op for other methods."""
+        if self.scalarizer is not None and self.scalarizer.updates_after_step:
+            objectives, shared = self._objectives(steps)
+            self.scalarizer.update(global_values(objectives, shared, self._collective))
+
     def _apply(self, update: JDUpdate, params: list[Tensor], rows: list[Tensor]) -> dict[str, float]:
         """Accumulate an update into ``.grad`` (or count it as skipped) and return its metrics."""
         if update.param_grads is None:
@@ -290,14 +324,14 @@ class JDStep:
 
     def _aggregator_for(self, m: int) -> Aggregator:
         """The aggregator for ``m`` objectives: rebuilt (fresh state) when ``m`` changes and its kwargs need it."""
-        expected = expected_num_objectives(self.config.aggregator, self.config.aggregator_kwargs)
+        expected = expected_num_objectives(self.config.aggregator_name, self.config.aggregator_kwargs)
         if expected is not None and expected != m:
             raise ValueError(
-                f"jd.aggregator_kwargs of {self.config.aggregator} are sized for {expected} objectives, "
+                f"jd.aggregator_kwargs of {self.config.aggregator_name} are sized for {expected} objectives, "
                 f"but jd.split={self.split.name} gives m={m} here"
             )
         if self._aggregator is None or (self._aggregator_m is not None and self._aggregator_m != m):
-            self._aggregator = build_aggregator(self.config.aggregator, self.config.aggregator_kwargs, num_objectives=m)
+            self._aggregator = build_aggregator(self.config.aggregator_name, self.config.aggregator_kwargs, num_objectives=m)
             self._aggregator_m = m
         return self._aggregator
 
@@ -327,12 +361,17 @@ class JDStep:
     def state_dict(self) -> dict[str, Any]:
         """The step's own state: the bucketing generator and the skip count (stateful aggregators
         such as ``gradvac`` or ``nash_mtl`` restart their internal state on resume)."""
-        return {"generator": self._generator.get_state(), "skipped_nonfinite": self._skipped}
+        state = {"generator": self._generator.get_state(), "skipped_nonfinite": self._skipped}
+        if self.scalarizer is not None:
+            state["scalarizer"] = self.scalarizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved (a scalarizer's state when both have one)."""
         self._generator.set_state(state["generator"])
         self._skipped = int(state["skipped_nonfinite"])
+        if self.scalarizer is not None and state.get("scalarizer") is not None:
+            self.scalarizer.load_state_dict(state["scalarizer"])
 
 
 def build_jd_step(config: JDConfig, *, world_size: int = 1, group: Any = None, halt_max_steps: int = 1) -> JDStep:

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from analysis.compare import STATISTICS, compare, summarize
 from analysis.plot_gd_similarity import (MissingMetricError, OutputExistsError, build_curves, mean_curve,
                                          moving_average, plot_gd_similarity)
-from analysis.runs import (AnalysisError, MetricTable, RunLoadError, group_runs, load_run_dir, load_runs,
+from analysis.runs import (DEFAULT_GROUP_BY, AnalysisError, MetricTable, RunLoadError, group_runs, load_run_dir, load_runs,
                            parse_label_fields, read_metrics_file)
 from analysis.wandb_source import (WandbUnavailableError, ensure_wandb_available, find_wandb_credentials,
                                    parse_wandb_source, run_from_history, wandb_unavailable_reason)
@@ -161,7 +161,7 @@ def test_load_runs_rejects_paths_without_runs(tmp_path: Path) -> None:
 
 def test_parse_label_fields_names_accepted_values() -> None:
     assert parse_label_fields("split, aggregator") == ("split", "aggregator")
-    with pytest.raises(AnalysisError, match="accepted: split, aggregator, seed"):
+    with pytest.raises(AnalysisError, match="accepted: split, method, aggregator, seed"):
         parse_label_fields("split,optimizer")
 
 
@@ -235,8 +235,8 @@ def test_compare_table_matches_the_metrics_files(sweep: Path, tmp_path: Path) ->
                                                "summary.csv", "summary.md"]
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["split"], r["aggregator"], r["n_runs"]) for r in rows] == \
-        [("none", "gd", "2"), ("iwrm_with_q_halt_in", "mgda", "1"), ("iwrm_with_q_halt_in", "upgrad", "2")]
+    assert [(r["split"], r["method"], r["n_runs"]) for r in rows] == \
+        [("none", "gd", "2"), ("iwrm_with_q_halt_in", "aggregator:mgda", "1"), ("iwrm_with_q_halt_in", "aggregator:upgrad", "2")]
     assert "final_arc_pass@2" not in rows[0]  # no run logged ARC metrics: no column
     upgrad = rows[2]
     dirs = [sweep / "sweep" / n for n in ("upgrad-s0", "upgrad-s1")]
@@ -256,7 +256,7 @@ def test_compare_table_matches_the_metrics_files(sweep: Path, tmp_path: Path) ->
     assert rows[0]["mean_gd_similarity"] == "" and rows[0]["mean_gd_similarity_n"] == "0"
     assert rows[1]["final_train_lm_loss_std"] == ""  # one run: no spread
     markdown = (out / "summary.md").read_text()
-    assert "| none | gd | 2 | 0,1 |" in markdown and "| iwrm_with_q_halt_in | mgda | 1 | 0 |" in markdown
+    assert "| none | gd | 2 | 0,1 |" in markdown and "| iwrm_with_q_halt_in | aggregator:mgda | 1 | 0 |" in markdown
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 1 and "src=\"http" not in page and "upgrad-s1" in page
 
@@ -359,14 +359,24 @@ def test_end_to_end_on_real_training_runs(tmp_path: Path) -> None:
     done = run_module("analysis.compare", str(runs_root), "--out", str(out), "--html")
     assert done.returncode == 0, done.stderr
     with open(out / "summary.csv", newline="") as handle:
-        rows = {(r["split"], r["aggregator"]): r for r in csv.DictReader(handle)}
-    assert set(rows) == {("none", "gd"), ("iwrm_with_q_halt_in", "upgrad")}
-    for (split, aggregator), name in ((("none", "gd"), "gd-s0"), (("iwrm_with_q_halt_in", "upgrad"), "upgrad-s0")):
+        rows = {(r["split"], r["method"]): r for r in csv.DictReader(handle)}
+    assert set(rows) == {("none", "gd"), ("iwrm_with_q_halt_in", "aggregator:upgrad")}
+    for (split, aggregator), name in ((("none", "gd"), "gd-s0"), (("iwrm_with_q_halt_in", "aggregator:upgrad"), "upgrad-s0")):
         row, run_dir = rows[(split, aggregator)], runs_root / name
         assert row["n_runs"] == "1"
         assert float(row["final_train_lm_loss"]) == pytest.approx(jsonl_series(run_dir, "train/lm_loss")[-1])
         assert float(row["final_eval_exact_accuracy"]) == \
             pytest.approx(jsonl_series(run_dir, "eval/exact_accuracy")[-1])
-    assert float(rows[("iwrm_with_q_halt_in", "upgrad")]["mean_gd_similarity"]) == \
+    assert float(rows[("iwrm_with_q_halt_in", "aggregator:upgrad")]["mean_gd_similarity"]) == \
         pytest.approx(np.mean(jsonl_series(runs_root / "upgrad-s0", "jd/gd_similarity")))
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_a_sweep_mixing_aggregators_and_scalarizers_groups_them_by_method(tmp_path: Path) -> None:
+    runs = []
+    for method, seed in (("upgrad", 0), ("famo", 0), ("famo", 1), ("uw", 0)):
+        jd = {"split": "iwrm_with_q_halt_in", **({"aggregator": method} if method == "upgrad" else {"scalarizer": method})}
+        runs.append(run_from_history(f"{method}-{seed}", "local", {"jd": jd, "seed": seed}, [{"step": 1, "train/lm_loss": 1.0}]))
+    groups = group_runs(runs, DEFAULT_GROUP_BY)
+    assert [key[1] for key in groups] == ["aggregator:upgrad", "scalarizer:famo", "scalarizer:uw"]
+    assert len(groups[("iwrm_with_q_halt_in", "scalarizer:famo")]) == 2

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from jd.config import JDConfig
 from jd.diagnostics import reduce_step_diagnostics
 from jd.step import build_jd_step
-from tests.test_jd_step import flat_grads, make_batch, make_model, run_steps
+from tests.test_jd_step import SEQ, flat_grads, make_batch, make_model, run_steps
 
 WORLD = 2
 GLOBAL_B = 4
@@ -37,6 +37,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "mixed_global_jacobian_aggregator": {"split": "pixelwise_q_halt_out", "distributed": "global", "aggregator": "config"},
     "iwrm_global_rows_out": {"split": "iwrm_with_q_halt_in", "distributed": "global", "include_puzzle_embedding": False},
     "iwrm_local": {"split": "iwrm_with_q_halt_in", "distributed": "local"},
+    # Loss-weighting baselines: the scalarizer at the global values, one backward; equal to one process.
+    "scalarizer_famo_iwrm": {"split": "iwrm_with_q_halt_in", "scalarizer": "famo"},
+    "scalarizer_uw_mixed": {"split": "pixelwise_q_halt_out", "scalarizer": "uw"},
+    "scalarizer_geometric_mean_shared": {"split": "lm_loss_vs_q_halt_loss", "scalarizer": "geometric_mean"},
 }
 GLOBAL_SEMANTICS = [name for name in SCENARIOS if name != "iwrm_local"]
 
@@ -44,6 +48,9 @@ GLOBAL_SEMANTICS = [name for name in SCENARIOS if name != "iwrm_local"]
 def _run(config: JDConfig, batch_part: slice, *, world_size: int) -> dict[str, Any]:
     """One micro-batch (the rows ``batch_part`` of the global batch), backward + finish."""
     step = build_jd_step(config, world_size=world_size)
+    m = step.split.global_num_objectives(batch_size=batch_part.stop - batch_part.start, seq_len=SEQ, H_cycles=2,
+                                         halt_max_steps=HALT_MAX_STEPS, world_size=world_size, n_groups=config.n_groups)
+    step.build_scalarizer(m, torch.device("cpu"))
     model, table = make_model(cycles=2, seed=0)
     batch = make_batch(GLOBAL_B, seed=11).part(batch_part)
     steps, rows = run_steps(

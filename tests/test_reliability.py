@@ -150,6 +150,10 @@ RESUME_CASES = {
     "study-stack-hard-sampling": {"jd.split": "stack_supervisions", "jd.max_supervisions": 2, "custom_sampling": True},
     # Puzzle embeddings only (frozen weights, no Adam state), the study's differential internal stack.
     "study-frozen-internal": {"jd.split": "stack_internal_losses", "freeze_weights": True},
+    # Stateful loss-weighting baselines: FAMO's weights and its Adam, updated after every step from the
+    # recomputed objectives; DWA's per-epoch loss history (6 batches per epoch: it rolls after step 6).
+    "scalarizer-famo": {"jd.split": "iwrm_with_q_halt_in", "jd.scalarizer": "famo"},
+    "scalarizer-dwa": {"jd.split": "lm_loss_vs_q_halt_loss", "jd.scalarizer": "dwa"},
 }
 
 

@@ -61,6 +61,15 @@ def check_wandb_config(wandb_config: WandbConfig) -> None:
         raise ConfigError("wandb.mode=online needs a W&B login (wandb login or WANDB_API_KEY); use wandb.mode=offline to log locally")
 
 
+def method_label(jd: dict[str, Any]) -> str:
+    """``gd``, ``aggregator:NAME`` or ``scalarizer:NAME`` from a run's ``jd`` config section (a dict)."""
+    if jd.get("split", "none") == "none":
+        return "gd"
+    if jd.get("scalarizer"):
+        return f"scalarizer:{jd['scalarizer']}"
+    return f"aggregator:{jd.get('aggregator') or 'upgrad'}"
+
+
 def _start_wandb(run_dir: Path, config: dict[str, Any], wandb_config: WandbConfig, run_name: str, project_name: str, resumed: bool) -> Any:
     if wandb_config.mode == "disabled":
         return None
@@ -69,7 +78,7 @@ def _start_wandb(run_dir: Path, config: dict[str, Any], wandb_config: WandbConfi
     os.environ.setdefault("WANDB_SILENT", "true")
     tags = list(wandb_config.tags)
     jd = config.get("jd", {})
-    tags += [f"split:{jd.get('split', 'none')}", f"aggregator:{jd.get('aggregator', '-') if jd.get('split') != 'none' else 'gd'}"]
+    tags += [f"split:{jd.get('split', 'none')}", method_label(jd)]
     run_id_file = run_dir / "wandb_run_id.txt"
     run_id = run_id_file.read_text().strip() if resumed and run_id_file.exists() else uuid.uuid4().hex[:8]
     atomic_write_text(run_id_file, run_id)

@@ -27,6 +27,8 @@ class RunOptimizers:
         betas, weight_decay, puzzle_emb_weight_decay: as in the config.
         world_size: ranks whose puzzle-row gradients the sign-SGD step gathers.
         freeze_weights: train only the puzzle embeddings.
+        extra_params: a scalarizer's learned parameters (UW's log-variances, IMTL-L's scales): trained with
+            the weights' learning rate and schedule by an Adam-atan2 of their own, without weight decay.
 
     Raises ``ValueError`` when ``freeze_weights`` leaves nothing to train (no puzzle embedding).
     """
@@ -42,6 +44,7 @@ class RunOptimizers:
         puzzle_emb_weight_decay: float,
         world_size: int,
         freeze_weights: bool = False,
+        extra_params: list[Tensor] | None = None,
     ) -> None:
         if freeze_weights:
             if model.puzzle_embedding is None:
@@ -50,7 +53,9 @@ class RunOptimizers:
                 parameter.requires_grad_(False)
         self.lr, self.puzzle_emb_lr = lr, puzzle_emb_lr
         self.params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
+        self.extra: list[Tensor] = list(extra_params or [])
         self.weights = make_adam_atan2(self.params, lr=lr, betas=betas, weight_decay=weight_decay) if self.params else None
+        self.scalarizer = make_adam_atan2(self.extra, lr=lr, betas=betas, weight_decay=0.0) if self.extra else None
         self.sparse = (
             SignSGDSparseEmbedding([model.puzzle_embedding], lr=puzzle_emb_lr, weight_decay=puzzle_emb_weight_decay, world_size=world_size)
             if model.puzzle_embedding is not None
@@ -59,21 +64,23 @@ class RunOptimizers:
 
     def step(self, lr_scale: float) -> None:
         """One update of everything that trains, at ``lr_scale`` times the base learning rates."""
-        for optimizer, base in ((self.weights, self.lr), (self.sparse, self.puzzle_emb_lr)):
+        for optimizer, base in ((self.weights, self.lr), (self.scalarizer, self.lr), (self.sparse, self.puzzle_emb_lr)):
             if optimizer is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = base * lr_scale
                 optimizer.step()
 
     def zero_grad(self) -> None:
-        if self.weights is not None:
-            self.weights.zero_grad(set_to_none=True)
+        for optimizer in (self.weights, self.scalarizer):
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
         """``optimizer`` (empty when the weights are frozen) and ``sparse_optimizer``, the checkpoint's keys."""
         return {
             "optimizer": {} if self.weights is None else self.weights.state_dict(),
             "sparse_optimizer": None if self.sparse is None else self.sparse.state_dict(),
+            "scalarizer_optimizer": None if self.scalarizer is None else self.scalarizer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -84,6 +91,8 @@ class RunOptimizers:
             raise ValueError("the checkpoint trained the weights; this run freezes them (freeze_weights=true): start it with init_from")
         if self.sparse is not None and state.get("sparse_optimizer"):
             self.sparse.load_state_dict(state["sparse_optimizer"])
+        if self.scalarizer is not None and state.get("scalarizer_optimizer"):
+            self.scalarizer.load_state_dict(state["scalarizer_optimizer"])
 
     @property
     def all_frozen(self) -> bool:

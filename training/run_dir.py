@@ -54,7 +54,8 @@ def default_project_name(config: TrainConfig) -> str:
 
 
 def _method_name(config: TrainConfig) -> str:
-    method = "gd" if config.jd.split == "none" else f"{config.jd.split}-{config.jd.aggregator}"
+    jd = config.jd
+    method = "gd" if jd.split == "none" else f"{jd.split}-scalarizer_{jd.scalarizer}" if jd.scalarizer else f"{jd.split}-{jd.aggregator_name}"
     return f"{config.arch.name}-{method}-s{config.seed}"
 
 

@@ -65,6 +65,7 @@ from training.init_weights import init_weights_from, resolve_init_from
 from training.interrupt import StopSignals
 from training.logger import RunLogger, check_wandb_config
 from training.optimizers import RunOptimizers
+from training.scalarizer_schedule import ScalarizerSchedule
 from training.run_dir import RunPlan, plan_run, prepare_run_dir
 from training.state import (
     Progress,
@@ -132,6 +133,16 @@ class Trainer:
         except (ValueError, ImportError) as error:  # ImportError: an aggregator's optional solver is missing
             raise ConfigError(str(error)) from None
         split = self.jd_step.split
+        try:  # a loss-weighting baseline (jd.scalarizer) is sized for the global number of objectives
+            global_m = split.global_num_objectives(
+                batch_size=self.micro_batch, seq_len=meta.seq_len, H_cycles=config.arch.H_cycles,
+                halt_max_steps=config.arch.halt_max_steps, world_size=dist_info.world_size, n_groups=config.jd.n_groups,
+            )
+            scalarizer = self.jd_step.build_scalarizer(global_m, dist_info.device)
+            if scalarizer is not None and scalarizer.updates_after_step and config.grad_accum_steps > 1:
+                raise ValueError(f"jd.scalarizer={config.jd.scalarizer} updates from the step's batch recomputed after the step; use grad_accum_steps=1")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.supervision_steps = split.supervision_steps(config.arch.halt_max_steps)  # at most, in the same_batch loop
         self.batches_per_step = split.batches_per_step(config.arch.halt_max_steps)  # micro-batches split each batch
         estimated = max(1, self.train_data.estimated_total_batches(config.epochs) // self.batches_per_step)
@@ -156,6 +167,7 @@ class Trainer:
                 self.model, lr=config.lr, puzzle_emb_lr=config.puzzle_emb_lr, betas=(config.beta1, config.beta2),
                 weight_decay=config.weight_decay, puzzle_emb_weight_decay=config.puzzle_emb_weight_decay,
                 world_size=dist_info.world_size, freeze_weights=config.freeze_weights,
+                extra_params=scalarizer.parameters() if scalarizer is not None else None,
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -172,6 +184,7 @@ class Trainer:
         except ValueError as error:
             raise ConfigError(f"evaluators: {error}") from None
 
+        self.scalarizer_schedule = ScalarizerSchedule(self.jd_step.scalarizer, self.train_data, epochs_per_iter)
         self.progress = Progress()
         self.carries: list[ACTCarry | None] = [None] * config.grad_accum_steps
         self._batches: Iterator[dict[str, Tensor]] | None = None
@@ -335,11 +348,13 @@ class Trainer:
         """
         if self._batches is None:
             self._batches = self._batch_stream()
+        before = (self.progress.iteration, self.progress.batch_in_iteration)
         step_batches = [next(self._batches, None) for _ in range(self.batches_per_step)]
         if any(batch is None for batch in step_batches):
             return None
         metrics = self._train_step(step_batches)  # type: ignore[arg-type]
         self.progress.step += 1
+        self.scalarizer_schedule.after_step(before, (self.progress.iteration, self.progress.batch_in_iteration))
         return metrics
 
     def _micro_step(
@@ -379,6 +394,23 @@ class Trainer:
         puzzle_rows = [r for _, r in embedding.pending_rows()[rows_before:]] if embedding is not None else []
         return self.jd_step.backward(step_terms, self.params, puzzle_rows)
 
+    def _recompute_objectives(self, batches: list[dict[str, Tensor]], carries: list[ACTCarry | None], rng: dict[str, Any]) -> None:
+        """FAMO: the step's objectives again after the update, from the same carry, batch and random
+        draws, without gradient and without moving the training trajectory (one micro-batch)."""
+        split, steps = self.jd_step.split, []
+        with torch.no_grad(), preserved_rng():
+            restore_rng(rng)
+            carry = carries[0]
+            for batch in batches:
+                micro_batch = {key: value.to(self.dist.device, non_blocking=True) for key, value in batch.items()}
+                carry = self.loss_head.initial_carry(micro_batch) if carry is None else carry
+                carry, terms, _, _, _ = self.loss_head(
+                    carry, micro_batch, global_batch_size=self.config.global_batch_size, keep_cycle_logits=split.needs_cycle_logits,
+                    differential_cycles=split.needs_differential_cycles, carry_noise=self.config.jd.carry_perturbation_rate,
+                )
+                steps.append(terms)
+        self.jd_step.recomputed(steps)
+
     def _all_halted(self, carry: ACTCarry) -> bool:
         """Whether every sample has halted, agreed by all ranks when they aggregate one Jacobian (its m must agree)."""
         done = carry.halted.all().float().reshape(1)
@@ -389,6 +421,8 @@ class Trainer:
     def _train_step(self, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         config = self.config
         started = time.perf_counter()
+        scalarizer = self.jd_step.scalarizer
+        recompute = (list(self.carries), capture_rng()) if scalarizer is not None and scalarizer.updates_after_step else None
         lr_scale = cosine_schedule_with_warmup(
             self.progress.step, base_lr=1.0, warmup_steps=config.lr_warmup_steps, total_steps=self.total_steps, min_ratio=config.lr_min_ratio
         )
@@ -431,6 +465,8 @@ class Trainer:
                 )
             if self.ema is not None:
                 self.ema.update(self.model)
+            if recompute is not None:
+                self._recompute_objectives(batches, *recompute)
             self.progress.consecutive_nonfinite = 0
         else:
             self.progress.skipped_nonfinite += 1
