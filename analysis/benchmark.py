@@ -67,6 +67,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "stack_internal": dict(split="stack_internal_and_sum"),
     "stack_supervisions": dict(split="stack_supervisions_and_sum"),
     "stack_supervisions_iwrm": dict(split="stack_supervisions_and_iwrm"),
+    # Loss-weighting baselines on the IWRM objectives: one backward (FAMO adds a forward without gradient).
+    "iwrm_scalarizer_uw": dict(split="iwrm_with_q_halt_in", scalarizer="uw"),
+    "iwrm_scalarizer_famo": dict(split="iwrm_with_q_halt_in", scalarizer="famo"),
 }
 
 
@@ -140,10 +143,13 @@ def run_variant(
     resident_before = _peak_resident_mib()
     torch.manual_seed(0)
     arch = ArchConfig(**preset["arch"])
-    jd_config = JDConfig(**{"aggregator": "upgrad", **jd_values})
+    jd_config = JDConfig(**jd_values)
     if compile_model:
         jd_config.check_compilable()
     jd_step = build_jd_step(jd_config, halt_max_steps=arch.halt_max_steps)
+    m = jd_step.split.global_num_objectives(batch_size=preset["batch_size"], seq_len=preset["seq_len"], H_cycles=arch.H_cycles,
+                                            halt_max_steps=arch.halt_max_steps, world_size=1, n_groups=jd_config.n_groups)
+    scalarizer = jd_step.build_scalarizer(m, device)
     model = build_model(arch, seq_len=preset["seq_len"], vocab_size=preset["vocab_size"], num_puzzle_identifiers=preset["num_puzzles"], device=device)
     if compile_model:
         compile_core(model, repeated_backward=jd_config.split != "none")
@@ -176,6 +182,10 @@ def run_variant(
         jd_step.finish(params)
         optimizer.step()
         sparse.step()
+        if scalarizer is not None and scalarizer.updates_after_step:  # FAMO: the objectives again, after the step
+            with torch.no_grad():
+                again = [head(carry, batch, global_batch_size=batch_size)[1] for _ in range(supervision)]
+            jd_step.recomputed(again)
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -185,7 +195,7 @@ def run_variant(
     return Result(
         variant=name,
         split=jd_config.split,
-        aggregator="gd" if jd_config.split == "none" else jd_config.aggregator,
+        aggregator=jd_config.method,
         engine=getattr(jd_step, "engine", "?"),
         objectives=int(last_metrics.get("jd/num_objectives", 1)),
         supervision_steps=supervision,
@@ -363,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         engines = ["gd"] if name == "gd" else args.engines.split(",")
         for engine in engines:
             values = dict(VARIANTS[name])
-            if name != "gd":
+            if name != "gd" and "scalarizer" not in values:
                 values.update(aggregator=args.aggregator, engine=engine)
             label = name if len(engines) == 1 else f"{name}[{engine}]"
             options = dict(device=device, compile_model=compile_model, warmup=args.warmup, steps=args.steps)
