@@ -40,7 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dataset.common import DatasetError
 from training.checkpoint import CheckpointError
-from training.config import DEMO_DATA_PATH, ConfigError, TrainConfig, parse_config
+from training.config import DEMO_DATA_PATH, ConfigError, TrainConfig, known_keys, parse_config, unknown_key_message
 from training.distributed import DistInfo, setup_distributed, teardown_distributed
 from training.run_dir import RunDirError
 
@@ -107,12 +107,25 @@ def check_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
             raise ConfigError(f"{key}={value}: no such preset; accepted: {accepted} (files in {group})")
 
 
+def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Refuse ``KEY=VALUE`` for a key no config has, suggesting the closest one (Hydra would suggest
+    ``+KEY=VALUE``, which then fails as an unknown key)."""
+    known = set(known_keys())
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or key.startswith(("+", "~", "hydra.", "hydra/")) or (config_dir / key).is_dir():
+            continue
+        if key not in known and not any(key.startswith(k + ".") for k in known if k.endswith("_kwargs") or k == "evaluators"):
+            raise ConfigError(unknown_key_message(key))
+
+
 def compose_config(overrides: list[str]) -> TrainConfig:
     """The validated config of ``config/cfg_pretrain.yaml`` with command-line ``overrides``.
 
     Every problem, Hydra's included, is raised as a one-line :class:`ConfigError`.
     """
     check_group_choices(overrides)
+    check_override_keys(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             raw = compose(config_name=CONFIG_NAME, overrides=overrides)

@@ -103,7 +103,7 @@ def accepted_kwargs(name: str) -> list[str]:
     return sorted(p for p in params if p != "self" and p not in entry.hidden and params[p].kind is not inspect.Parameter.VAR_KEYWORD)
 
 
-def _required_kwargs(name: str) -> list[str]:
+def required_kwargs(name: str) -> list[str]:
     entry = _entry(name)
     if name == "cr_mogm":
         return []
@@ -160,7 +160,7 @@ def _check_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"jd.aggregator={name} got unknown jd.aggregator_kwargs {unknown}; accepted: {accepted}")
-    missing = [k for k in _required_kwargs(name) if k not in kwargs]
+    missing = [k for k in required_kwargs(name) if k not in kwargs]
     if missing:
         raise ValueError(f"jd.aggregator={name} needs jd.aggregator_kwargs {missing} (accepted: {accepted})")
 

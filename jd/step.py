@@ -279,9 +279,25 @@ class JDStep:
         shared = self.split.shared_count(steps)
         if self.config.n_groups is not None:
             fully_shared = shared == objectives.shape[0]
-            objectives = group_objectives(objectives, min(self.config.n_groups, objectives.shape[0]), self._generator)
+            groups = self.config.n_groups
+            if self.split.same_batch_loop:  # K, so m, shrinks when every sample halted early
+                groups = min(groups, objectives.shape[0])
+            objectives = group_objectives(objectives, groups, self._generator)
             shared = objectives.shape[0] if fully_shared else 0
         return objectives, shared
+
+    def cost_note(self, m: int | None) -> str | None:
+        """A warning for the user when ``m`` objectives make a step cost many backward passes or a large
+        projection (``None`` when it is cheap or ``m`` is unknown); training goes on either way."""
+        if m is None or m <= 64 or self.engine in ("gd", "scalarizer", "per_sample"):
+            return None
+        projection = "" if self.config.aggregator_name not in ("upgrad", "dualproj") else f" and {m if self.config.aggregator_name == 'upgrad' else 1} quadratic program(s) of size {m}"
+        backward = f"about {m} backward passes (one per Jacobian row)" if self.engine in ("gramian", "autojac") else "a Gramian of the whole Jacobian"
+        suggestion = max(2, min(16, m // 64))
+        return (
+            f"jd.split={self.split.name} gives m={m} objectives per step: the {self.engine} engine costs {backward}{projection} "
+            f"per step, roughly {m}x a GD step (one backward); jd.n_groups={suggestion} would bucket them into {suggestion}"
+        )
 
     # ------------------------------------------------------------------------------ scalarizers
     def build_scalarizer(self, num_objectives: int | None, device: torch.device) -> ScalarizerStep | None:

@@ -124,6 +124,6 @@ def test_nash_mtl_takes_m_from_the_step() -> None:
 def test_missing_optional_solver_names_the_pip_command(name: str, kwargs: dict, extra: str) -> None:
     needed = {"cagrad": ["cvxpy", "clarabel"], "fairgrad": ["scipy"]}[name]
     if all(importlib.util.find_spec(module) is not None for module in needed):
-        pytest.skip(f"{needed} installed: nothing is missing")
+        pytest.skip(f"{name}'s optional solvers ({', '.join(needed)}) are installed, so the missing-solver error cannot be triggered")
     with pytest.raises(ImportError, match=rf"pip install 'torchjd\[{extra}\]'.*\.\[aggregators\]"):
         validate_aggregator(name, kwargs)

@@ -203,7 +203,7 @@ def test_a_missing_aggregator_solver_is_a_config_error(sudoku_data: Path, tmp_pa
     try:
         import cvxpy  # noqa: F401
 
-        pytest.skip("cvxpy is installed: nothing is missing")
+        pytest.skip("cvxpy is installed, so nash_mtl's missing-solver error cannot be triggered")
     except ImportError:
         pass
     with pytest.raises(ConfigError, match=r"jd.aggregator=nash_mtl needs optional packages .* pip install 'torchjd\[nash_mtl\]'"):
@@ -241,3 +241,34 @@ def test_vmap_rows_with_a_compiled_model_are_refused_before_compute(sudoku_data:
     with pytest.raises(ConfigError, match=r"jd.parallel_chunk_size=None batches Jacobian rows with torch.vmap, which cannot run a compiled backward"):
         run(compose(overrides))
     assert not any(tmp_path.iterdir())
+
+
+def test_two_runs_starting_with_one_name_cannot_share_its_directory(sudoku_data: Path, tmp_path: Path) -> None:
+    """The new run's directory is claimed exclusively: of two runs planned at the same moment (both saw
+    no directory yet), the second to create it refuses."""
+    from training.distributed import DistInfo, ElasticInfo
+    from training.run_dir import plan_run, prepare_run_dir
+
+    config = compose(tiny_overrides(sudoku_data, tmp_path, run_name="twin"))
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    first, second = (plan_run(config, ElasticInfo()) for _ in range(2))
+    prepare_run_dir(config, cpu, first)
+    with pytest.raises(RunDirError, match="already exists|just claimed"):
+        prepare_run_dir(config, cpu, second)
+
+
+def test_a_mistyped_key_suggests_the_closest_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from pretrain import main
+
+    assert main(["lrr=1e-3"]) == 2 and "lrr: unknown key; did you mean lr?" in capsys.readouterr().err
+    assert main(["+lrr=1e-3"]) == 2 and "did you mean lr?" in capsys.readouterr().err
+
+
+def test_python_m_jd_lists_what_the_config_accepts() -> None:
+    from jd.__main__ import describe
+    from jd.scalarizers import scalarizer_names
+    from jd.splits import split_names
+
+    text = describe()
+    assert all(f"  {name}" in text for name in split_names() + scalarizer_names())
+    assert "constant       weights*" in text and "experiment= (config/experiment/): arc1, arc1_single_gpu" in text

@@ -188,13 +188,41 @@ def parse_config(raw: DictConfig | dict[str, Any]) -> TrainConfig:
         raise ConfigError(_format_validation_error(error)) from None
 
 
+def known_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Every dotted config key ``TrainConfig`` accepts (``arch.hidden_size``, ``jd.split``, ...)."""
+    model = model or TrainConfig
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        keys.append(prefix + name)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(known_keys(annotation, f"{prefix}{name}."))
+    return keys
+
+
+def closest_key(key: str) -> str | None:
+    """The accepted key most like ``key`` (a typo's likely intent), or ``None``."""
+    import difflib
+
+    matches = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_key_message(key: str) -> str:
+    """``KEY: unknown key; did you mean X?`` (or where the accepted keys are listed)."""
+    guess = closest_key(key)
+    hint = f"did you mean {guess}?" if guess else "see config/cfg_pretrain.yaml (or python -m jd) for the accepted keys"
+    return f"{key}: unknown key; {hint}"
+
+
 def _format_validation_error(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see config/cfg_pretrain.yaml for the accepted keys)"
+            lines.append(unknown_key_message(key))
+            continue
         value = problem.get("input")
         shown = "" if problem["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{key}: {message}{shown}" if key else message)

@@ -128,18 +128,3 @@ def broadcast_module_(module: torch.nn.Module, world_size: int) -> None:
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor, src=0)
-
-
-def all_reduce_grads_(params: list[torch.Tensor], world_size: int) -> None:
-    """Sum gradients over ranks in one flat all-reduce."""
-    if world_size == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()

@@ -23,6 +23,7 @@ and *what* it restores; it has no side effects, so a bad choice fails before any
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,20 @@ def plan_run(config: TrainConfig, elastic: ElasticInfo) -> RunPlan:
     return RunPlan(own_dir, None, continues_run=False)
 
 
+CLAIM_FILE = ".claimed"
+"""Created exclusively (``O_EXCL``) by the one new run that owns a directory: of two runs started with
+the same name at the same moment, exactly one gets it and the other stops."""
+
+
+def _claim(run_dir: Path) -> None:
+    try:
+        os.close(os.open(run_dir / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise RunDirError(
+            f"run directory {run_dir} was just claimed by another run starting with the same name; pick another run_name"
+        ) from None
+
+
 def prepare_run_dir(config: TrainConfig, dist_info: DistInfo, plan: RunPlan) -> tuple[Path, str, str]:
     """Create the run directory on rank 0 and share it; return ``(run_dir, run_name, project_name)``.
 
@@ -156,6 +171,8 @@ def prepare_run_dir(config: TrainConfig, dist_info: DistInfo, plan: RunPlan) -> 
             _refuse_existing(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if not plan.continues_run:
+                _claim(run_dir)
         except OSError as error:
             raise RunDirError(f"cannot create the run directory {run_dir} ({error.strerror}); check runs_root / run_dir") from None
         for folder in (run_dir, run_dir / "checkpoints"):

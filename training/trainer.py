@@ -143,6 +143,9 @@ class Trainer:
                 raise ValueError(f"jd.scalarizer={config.jd.scalarizer} updates from the step's batch recomputed after the step; use grad_accum_steps=1")
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        cost = self.jd_step.cost_note(global_m if config.jd.n_groups is None else config.jd.n_groups)
+        if cost and dist_info.is_main:
+            print(f"note: {cost}", flush=True)
         self.supervision_steps = split.supervision_steps(config.arch.halt_max_steps)  # at most, in the same_batch loop
         self.batches_per_step = split.batches_per_step(config.arch.halt_max_steps)  # micro-batches split each batch
         estimated = max(1, self.train_data.estimated_total_batches(config.epochs) // self.batches_per_step)

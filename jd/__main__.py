@@ -1,0 +1,51 @@
+"""``python -m jd``: what the ``jd.*`` config accepts, from the registries themselves.
+
+Lists every split (with ``m`` and its formula), aggregator and scalarizer (with their required and
+optional arguments), engine, stack semantics, and the training presets.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import get_args
+
+from jd.aggregators import required_kwargs, accepted_kwargs, aggregator_names
+from jd.config import JDConfig
+from jd.scalarizers import accepted_arguments, scalarizer_names
+from jd.splits import INTERNAL_LOSSES, SUPERVISION_LOOPS, get_split, split_names
+
+
+def _wrap(text: str, indent: str = "      ") -> str:
+    return textwrap.fill(" ".join(text.split()), width=110, initial_indent=indent, subsequent_indent=indent)
+
+
+def describe() -> str:
+    """The listing as text."""
+    lines = ["jd.split (m objectives; B samples per rank, S positions, H H-cycles, K supervision steps):"]
+    for name in split_names():
+        lines += [f"  {name}", _wrap(get_split(name).describe().replace("``", "`"))]
+    lines += ["", "jd.aggregator (default upgrad; arguments in jd.aggregator_kwargs, required ones marked *):"]
+    for name in aggregator_names():
+        required = set(required_kwargs(name))
+        arguments = ", ".join(f"{a}*" if a in required else a for a in accepted_kwargs(name))
+        lines.append(f"  {name:<14} {arguments}")
+    lines += ["", "jd.scalarizer (a loss-weighting baseline instead of an aggregator; jd.scalarizer_kwargs, required marked *):"]
+    for name in scalarizer_names():
+        required, optional = accepted_arguments(name)
+        lines.append(f"  {name:<14} {', '.join([f'{a}*' for a in required] + optional)}")
+    engines = get_args(JDConfig.model_fields["engine"].annotation)
+    lines += ["", f"jd.engine: {', '.join(engines)}",
+              f"jd.supervision_loop (supervision stacks): {', '.join(SUPERVISION_LOOPS)} (default {SUPERVISION_LOOPS[0]}, the JD study's)",
+              f"jd.internal_loss (internal-cycle stacks): {', '.join(INTERNAL_LOSSES)} (default {INTERNAL_LOSSES[0]}, the JD study's)",
+              f"jd.distributed: {', '.join(get_args(JDConfig.model_fields['distributed'].annotation))}"]
+    config = Path(__file__).resolve().parents[1] / "config"
+    for group in ("experiment", "arch"):
+        names = sorted(p.stem for p in (config / group).glob("*.yaml"))
+        lines.append(f"{group}= (config/{group}/): {', '.join(names)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(describe() + "\n")
