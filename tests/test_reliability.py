@@ -528,6 +528,8 @@ def test_bad_checkpoints_fail_in_one_line_and_change_nothing(sudoku_data: Path, 
     torch.save({"weight": torch.zeros(2)}, foreign)
     pickled = tmp_path / "pickled.pt"
     torch.save({"format": 1, "model": {}, "code": PurePosixPath("x")}, pickled)  # only a full unpickler builds this
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
     before = file_hashes(tmp_path)
 
     cases = [
@@ -536,6 +538,8 @@ def test_bad_checkpoints_fail_in_one_line_and_change_nothing(sudoku_data: Path, 
         (base + [f"load_checkpoint={truncated}"], "unreadable"),
         (base + [f"load_checkpoint={foreign}"], "not a trm-jd checkpoint"),
         (base + [f"load_checkpoint={pickled}"], "unreadable"),
+        (base + [f"load_checkpoint={empty}"], "the file is empty (0 bytes)"),
+        (base + [f"init_from={empty}", "run_name=fresh"], "the file is empty (0 bytes)"),
         (base + [f"load_checkpoint={tmp_path / 'nothing.pt'}"], "no such checkpoint file"),
         (base + [f"load_checkpoint={list_checkpoints(source)[0]}"], "not the newest checkpoint"),
         (base + ["run_name=source"], "already exists"),
