@@ -272,6 +272,7 @@ def test_compare_marks_metrics_only_some_runs_logged(tmp_path: Path) -> None:
     assert {s.column for s in STATISTICS} >= {"final_arc_pass@2", "best_arc_pass@2"}
 
 
+@pytest.mark.slow
 def test_compare_command_line_and_wandb_report_while_offline(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     done = run_module("analysis.compare", str(sweep), "--out", str(out), "--html", "--wandb-report", "me/trm-jd",

@@ -10,6 +10,7 @@ import pytest
 from analysis.benchmark import main
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--preset", "tiny", "--variants", "gd,iwrm", "--engines", "auto,gramian", "--batch-size", "4", "--steps", "1", "--warmup", "1"]
     assert main([*argv, "--projector-sizes", "6", "--out", str(tmp_path)]) == 0

@@ -108,6 +108,7 @@ def test_per_sample_engine_refuses_splits_it_cannot_do() -> None:
     assert build_jd_step(JDConfig(split="pixelwise_q_halt_in")).engine == "gramian"
 
 
+@pytest.mark.slow
 def test_engines_under_torch_compile_give_the_eager_gradients() -> None:
     """The compiled path (the default on CUDA; here CPU inductor): per-sample leaves through a compiled
     core, and Jacobian rows back-propagated one at a time through a compiled backward."""

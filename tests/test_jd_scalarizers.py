@@ -74,6 +74,7 @@ def test_sum_is_gradient_descent_and_weights_are_the_scalarizers_gradient() -> N
     torch.testing.assert_close(coefficients, expected_weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["famo", "uw", "dwa", "stch", "imtl_l", "geometric_mean"])
 def test_pretrain_trains_with_each_stateful_or_nonlinear_scalarizer(name: str, sudoku_data: Path, tmp_path: Path) -> None:
     """``python pretrain.py jd.split=iwrm_with_q_halt_in jd.scalarizer=NAME max_steps=5`` (tiny)."""

@@ -157,6 +157,7 @@ RESUME_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
 def test_resuming_from_any_step_reproduces_the_uninterrupted_run(case: str, sudoku_data: Path, tmp_path: Path) -> None:
     steps = 8  # 6 batches per epoch: steps 7-8 run in the second data iteration, after an evaluation
@@ -203,6 +204,7 @@ def test_evaluation_does_not_move_the_training_trajectory(sudoku_data: Path, tmp
 
 
 # ------------------------------------------------------------------------------ interruption
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(sudoku_data: Path, tmp_path: Path) -> None:
     kill_after = random.Random().randint(2, 12)
     keep_last = 3
@@ -231,6 +233,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(sudo
     assert file_hashes(run_dir)["config.yaml"] == config_before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_a_resume_command(
     sig: signal.Signals, sudoku_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -292,6 +295,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the torchrun worker through /proc")
 def test_torchrun_restart_resumes_from_the_latest_checkpoint(sudoku_data: Path, tmp_path: Path) -> None:
     kill_after = random.Random().randint(2, 8)

@@ -231,6 +231,7 @@ def test_freeze_weights_without_a_puzzle_embedding_is_refused(sudoku_data: Path,
 
 
 # ------------------------------------------------------------------------------------- fine-tuning
+@pytest.mark.slow
 def test_the_studys_fine_tuning_recipe_runs_end_to_end(sudoku_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Pretrain on one dataset, then fine-tune on another (new puzzle table from the mean of the old rows),
     weights frozen, with Jacobian descent and the study's hard-example sampling."""
@@ -251,6 +252,7 @@ def test_the_studys_fine_tuning_recipe_runs_end_to_end(sudoku_data: Path, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------ sweeps
+@pytest.mark.slow
 def test_an_optuna_search_of_two_trials_runs_to_the_end(sudoku_data: Path, tmp_path: Path) -> None:
     """``python pretrain.py -m hydra/sweeper=study_sweep``: each trial's return value is its objective."""
     import os
