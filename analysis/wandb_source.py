@@ -214,10 +214,10 @@ def create_wandb_report(entity_project: str, runs: Sequence[Run], metrics: Seque
     filters = "group in [" + ", ".join(repr(g) for g in groups) + "]" if groups else ""
     try:
         runset = wr.Runset(entity=source.entity, project=source.project, name="runs compared",
-                           filters=filters, groupby=["config.jd.split", "config.jd.aggregator"])
+                           filters=filters, groupby=["config.jd.split", "config.jd.aggregator", "config.jd.scalarizer"])
         panels = [wr.LinePlot(title=metric, x="Step", y=[metric]) for metric in metrics]
         report = wr.Report(entity=source.entity, project=source.project, title=title, description=description,
-                           blocks=[wr.H1(title), wr.P(description or "Runs grouped by jd.split and jd.aggregator."),
+                           blocks=[wr.H1(title), wr.P(description or "Runs grouped by jd.split, jd.aggregator and jd.scalarizer."),
                                    wr.PanelGrid(runsets=[runset], panels=panels)])
         report.save()
     except Exception as error:  # wandb-workspaces validation, network or permission failures

@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from training.checkpoint import CheckpointError, load_checkpoint, read_state, re
 from training.reference_checkpoint import describe_sources, is_reference_state, read_reference_checkpoint
 from training.config import EVALUATOR_NAMES, ConfigError, EvaluatorConfig, TrainConfig, parse_config
 from training.distributed import DistInfo, setup_distributed, teardown_distributed
-from training.evaluation import build_evaluators, evaluate
+from training.evaluation import ExampleProgress, build_evaluators, evaluate
 
 RESULT_FILES = ("metrics.json", "submission.json")
 """Files a standalone evaluation writes into its output folder (never overwritten without ``--overwrite``)."""
@@ -276,20 +276,6 @@ def write_json_atomically(path: Path, content: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-class _BatchesWithProgress:
-    """Gives :func:`evaluate` the dataset's test batches through a tqdm bar (on the main rank only)."""
-
-    def __init__(self, data: PuzzleDataset, total: int, enabled: bool) -> None:
-        self.data = data
-        self.total = total
-        self.enabled = enabled
-
-    def test_batches(self) -> Iterator[dict[str, Tensor]]:
-        from tqdm import tqdm
-
-        yield from tqdm(self.data.test_batches(), total=self.total, desc="evaluating", unit="batch", disable=not self.enabled)
-
-
 def parse_evaluator_names(text: str, configured: list[EvaluatorConfig]) -> list[EvaluatorConfig]:
     """``"exact,arc"`` -> evaluator configs (the checkpoint's settings for a name it already used); ``"none"`` -> []."""
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -360,7 +346,7 @@ def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo) -> dict[s
               f"{total} batches of {batch_size}{f' (capped by max_batches={max_batches})' if max_batches is not None else ''}", flush=True)
     metrics = evaluate(
         loaded.loss_head,
-        _BatchesWithProgress(data, total, dist_info.is_main and not args.quiet),  # type: ignore[arg-type]
+        ExampleProgress(data, max_batches=max_batches, enabled=dist_info.is_main and not args.quiet),
         evaluators,
         dist_info,
         global_batch_size=config.global_batch_size,  # the trainer's loss scale, so logged losses match bit for bit

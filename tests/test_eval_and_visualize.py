@@ -354,3 +354,15 @@ def test_visualiser_bad_arc_puzzles(arc_run: Path, arc_data: Path, capsys: pytes
     assert "no example in split 'test'" in one_line_error(capsys)
     assert visualize_main([str(arc_run), "--puzzle", test_puzzle, "--index", "5", "--device", "cpu"]) == 2
     assert "has 1 example(s)" in one_line_error(capsys)
+
+
+def test_evaluation_shows_progress_over_examples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A long evaluation is never a silent 0/1: the bar counts test examples (here 6, in 2 batches of 4)."""
+    from evaluators.run import main as evaluate_cli_main
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "reference"
+    status = evaluate_cli_main([str(fixture / "checkpoints" / "hrm_sudoku"), "--data", str(fixture / "sudoku"), "--batch-size", "4",
+                                "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "/6 [" in err and "example/s" in err

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from dataset.puzzle_dataset import PuzzleDataset
 from evaluators.base import Evaluator
@@ -31,10 +33,29 @@ def build_evaluators(configs: list[EvaluatorConfig], eval_paths: list[str]) -> l
     return evaluators
 
 
+class ExampleProgress:
+    """A test split whose batches pass through a tqdm bar that counts examples (of all ranks), so a
+    long evaluation shows where it is even when it runs one batch; shown on the main rank only."""
+
+    def __init__(self, data: PuzzleDataset, *, max_batches: int | None, enabled: bool, desc: str = "evaluating") -> None:
+        self.data = data
+        self.total = data.total_examples if max_batches is None else min(data.total_examples, max_batches * data.global_batch_size)
+        self.enabled = enabled
+        self.desc = desc
+
+    def test_batches(self) -> Iterator[dict[str, Tensor]]:
+        from tqdm import tqdm
+
+        with tqdm(total=self.total, desc=self.desc, unit="example", disable=not self.enabled, leave=False, dynamic_ncols=True) as bar:
+            for batch in self.data.test_batches():
+                yield batch
+                bar.update(min(self.data.global_batch_size, self.total - bar.n))
+
+
 @torch.no_grad()
 def evaluate(
     loss_head: ACTLossHead,
-    data: PuzzleDataset,
+    data: PuzzleDataset | ExampleProgress,
     evaluators: list[Evaluator],
     dist_info: DistInfo,
     *,

@@ -59,7 +59,7 @@ from training.atomic import atomic_write_text
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from training.config import ConfigError, TrainConfig, trajectory_changes
 from training.distributed import DistInfo, ElasticInfo, broadcast_module_, decide_on_main, elastic_info
-from training.evaluation import build_evaluators, evaluate
+from training.evaluation import ExampleProgress, build_evaluators, evaluate
 from training.hard_sampling import HardExampleSampler
 from training.init_weights import init_weights_from, resolve_init_from
 from training.interrupt import StopSignals
@@ -538,7 +538,7 @@ class Trainer:
         with context, preserved_rng():  # evaluation never moves the training trajectory
             results = evaluate(
                 self.loss_head,
-                self.eval_data,
+                ExampleProgress(self.eval_data, max_batches=self.config.eval_max_batches, enabled=self.dist.is_main and self.config.progress_bar),
                 self.evaluators,
                 self.dist,
                 global_batch_size=self.config.global_batch_size,
