@@ -245,18 +245,29 @@ def read_split_parts(
     return [read_split(dataset_dir, split, metadata, mmap=mmap)]
 
 
+def concatenated_index(parts: list[SplitArrays]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(puzzle_identifiers, puzzle_indices, group_indices)`` of the parts one after the other (offsets
+    shifted), the loader's order of a reference split's sets; the token arrays are not touched."""
+    examples = np.cumsum([0] + [p.inputs.shape[0] for p in parts])
+    puzzles = np.cumsum([0] + [len(p.puzzle_identifiers) for p in parts])
+    return (
+        np.concatenate([p.puzzle_identifiers.astype(np.int64) for p in parts]),
+        np.concatenate([[0]] + [p.puzzle_indices[1:].astype(np.int64) + examples[i] for i, p in enumerate(parts)]),
+        np.concatenate([[0]] + [p.group_indices[1:].astype(np.int64) + puzzles[i] for i, p in enumerate(parts)]),
+    )
+
+
 def concatenate_parts(parts: list[SplitArrays]) -> SplitArrays:
     """Several parts of one split as one :class:`SplitArrays` (offsets shifted; a single part is returned as is)."""
     if len(parts) == 1:
         return parts[0]
-    examples = np.cumsum([0] + [p.inputs.shape[0] for p in parts])
-    puzzles = np.cumsum([0] + [len(p.puzzle_identifiers) for p in parts])
+    identifiers, puzzle_indices, group_indices = concatenated_index(parts)
     return SplitArrays(
         inputs=np.concatenate([p.inputs for p in parts]),
         labels=np.concatenate([p.labels for p in parts]),
-        puzzle_identifiers=np.concatenate([p.puzzle_identifiers for p in parts]),
-        puzzle_indices=np.concatenate([[0]] + [p.puzzle_indices[1:].astype(np.int64) + examples[i] for i, p in enumerate(parts)]),
-        group_indices=np.concatenate([[0]] + [p.group_indices[1:].astype(np.int64) + puzzles[i] for i, p in enumerate(parts)]),
+        puzzle_identifiers=identifiers,
+        puzzle_indices=puzzle_indices,
+        group_indices=group_indices,
     )
 
 

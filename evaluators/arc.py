@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dataset.arc_augment import Augmentation, parse_name, tokens_to_grid
-from dataset.common import DatasetError, DatasetMetadata, read_identifiers, read_metadata, read_split_parts
+from dataset.common import DatasetError, DatasetMetadata, concatenated_index, read_identifiers, read_metadata, read_split_parts
 
 BLANK_SUBMISSION_GRID = [[0]]
 
@@ -108,10 +108,8 @@ class ARCEvaluator:
     def _read_test_index(self, metadata: DatasetMetadata) -> tuple[np.ndarray, np.ndarray]:
         """The test split's ``puzzle_indices`` and ``puzzle_identifiers`` in the loader's example order
         (a reference folder's sets one after the other), to map test examples to puzzles."""
-        parts = read_split_parts(self.dataset_path, "test", metadata, mmap=True)
-        examples = np.cumsum([0] + [p.inputs.shape[0] for p in parts])
-        indices = np.concatenate([[0]] + [p.puzzle_indices[1:].astype(np.int64) + examples[i] for i, p in enumerate(parts)])
-        return indices, np.concatenate([p.puzzle_identifiers.astype(np.int64) for p in parts])
+        identifiers, puzzle_indices, _ = concatenated_index(read_split_parts(self.dataset_path, "test", metadata, mmap=True))
+        return puzzle_indices, identifiers
 
     def _parse_identifier(self, identifier: int) -> tuple[str, Augmentation]:
         if identifier not in self._names:

@@ -150,15 +150,10 @@ def solve_lcp(
     backup = torch.full((k,), _BACKUP_ROUNDS, device=device)
     positions = torch.arange(1, m + 1, device=device)
     for iteration in range(max_iterations + 1):
-        y = (x @ matrix + offsets).masked_fill(free, 0.0)
+        gradient = x @ matrix + offsets  # G v for the projection v = lower + x
+        y = gradient.masked_fill(free, 0.0)
         scale = _RELATIVE_TOLERANCE * (x.abs().amax(1, keepdim=True) + offsets.abs().amax(1, keepdim=True) + 1e-30)
-        y_scale = scale
-        if row_scale is not None and lower is not None:
-            v = x + lower
-            quadratic = (v * (x @ matrix + offsets)).sum(1, keepdim=True)  # v^T G v, with G v = G x + q
-            # |y_j| <= sqrt(G_jj) sqrt(v^T G v) by Cauchy-Schwarz; its round-off is ~eps * sqrt(G_jj) sum_k sqrt(G_kk) |v_k|.
-            roundoff = _ROUNDOFF * (v.abs() * row_scale).sum(1, keepdim=True)
-            y_scale = row_scale * (_RELATIVE_TOLERANCE * quadratic.clamp_min(0).sqrt() + roundoff) + 1e-300
+        y_scale = scale if row_scale is None or lower is None else _tolerance(x + lower, gradient, row_scale)
         wrong = (free & (x < -scale)) | (~free & (y < -y_scale))
         count = wrong.sum(1)
         unsolved = count > 0
@@ -176,7 +171,9 @@ def solve_lcp(
 
 
 def _tolerance(v: Tensor, gradient: Tensor, row_scale: Tensor) -> Tensor:
-    """Per problem and objective, how negative ``y_j = (matrix v)_j`` may be from round-off (see :func:`solve_lcp`)."""
+    """Per problem and objective, how negative ``y_j = (matrix v)_j`` may be from round-off (see :func:`solve_lcp`):
+    ``|y_j| <= sqrt(G_jj) sqrt(v^T G v)`` by Cauchy-Schwarz, and its round-off is about
+    ``eps * sqrt(G_jj) * sum_k sqrt(G_kk) |v_k|`` (``gradient`` is ``G v``)."""
     quadratic = (v * gradient).sum(1, keepdim=True).clamp_min(0).sqrt()
     return row_scale * (_RELATIVE_TOLERANCE * quadratic + _ROUNDOFF * (v.abs() * row_scale).sum(1, keepdim=True)) + 1e-300
 

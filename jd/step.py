@@ -286,6 +286,21 @@ class JDStep:
             shared = objectives.shape[0] if fully_shared else 0
         return objectives, shared
 
+    def prepare(
+        self, *, batch_size: int, seq_len: int, H_cycles: int, halt_max_steps: int, grad_accum_steps: int, device: torch.device
+    ) -> str | None:
+        """Size the step for a run's micro-batches before training: build ``jd.scalarizer`` for the global
+        number of objectives and check what it needs. Returns a cost warning for a large ``m`` (or ``None``);
+        raises ``ValueError`` for a combination that cannot run."""
+        m = self.split.global_num_objectives(
+            batch_size=batch_size, seq_len=seq_len, H_cycles=H_cycles, halt_max_steps=halt_max_steps,
+            world_size=self.world_size, n_groups=self.config.n_groups,
+        )
+        scalarizer = self.build_scalarizer(m, device)
+        if scalarizer is not None and scalarizer.updates_after_step and grad_accum_steps > 1:
+            raise ValueError(f"jd.scalarizer={self.config.scalarizer} updates from the step's batch recomputed after the step; use grad_accum_steps=1")
+        return self.cost_note(m)
+
     def cost_note(self, m: int | None) -> str | None:
         """A warning for the user when ``m`` objectives make a step cost many backward passes or a large
         projection (``None`` when it is cheap or ``m`` is unknown); training goes on either way."""

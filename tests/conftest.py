@@ -26,6 +26,20 @@ def tiny_arch(**overrides: object) -> ArchConfig:
     return ArchConfig(**values)  # type: ignore[arg-type]
 
 
+def tiny_trm_batch() -> dict[str, torch.Tensor]:
+    """Three 16-token samples for an 11-token model (the last 4 labels ignored), puzzle ids 0, 2, 3."""
+    from models.loss_terms import IGNORE_LABEL_ID
+
+    generator = torch.Generator().manual_seed(1)
+    batch = {
+        "inputs": torch.randint(1, 11, (3, 16), generator=generator),
+        "labels": torch.randint(1, 11, (3, 16), generator=generator),
+        "puzzle_identifiers": torch.tensor([0, 2, 3]),
+    }
+    batch["labels"][:, 12:] = IGNORE_LABEL_ID
+    return batch
+
+
 def tiny_overrides(data_dir: Path, run_root: Path, **extra: object) -> list[str]:
     """Hydra overrides for a tiny CPU run of ``pretrain.py`` on ``data_dir``."""
     values: dict[str, object] = {

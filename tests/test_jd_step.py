@@ -21,6 +21,7 @@ from jd.config import JDConfig
 from jd.splits import get_split, split_names
 from jd.step import build_jd_step
 from models.loss_terms import IGNORE_LABEL_ID, LossTerms
+from tests.conftest import tiny_trm_batch
 
 VOCAB = 5
 DIM = 6
@@ -393,13 +394,7 @@ def _tiny_trm_steps(split: str, *, engine: str = "auto", aggregator: str = "mean
     step = build_jd_step(config)
     step.attach(model)
     head = ACTLossHead(model)
-    generator = torch.Generator().manual_seed(1)
-    batch = {
-        "inputs": torch.randint(1, 11, (3, 16), generator=generator),
-        "labels": torch.randint(1, 11, (3, 16), generator=generator),
-        "puzzle_identifiers": torch.tensor([0, 2, 3]),
-    }
-    batch["labels"][:, 12:] = IGNORE_LABEL_ID
+    batch = tiny_trm_batch()
     carry = head.initial_carry(batch)
     steps = []
     for _ in range(step.split.supervision_steps(arch.halt_max_steps)):

@@ -22,7 +22,7 @@ from models.loss_terms import IGNORE_LABEL_ID
 from models.losses import ACTLossHead
 from models.registry import build_model
 from pretrain import run
-from tests.conftest import compose, tiny_arch, tiny_overrides
+from tests.conftest import compose, tiny_arch, tiny_overrides, tiny_trm_batch
 from training.distributed import DistInfo
 from training.hard_sampling import HardExampleSampler
 from training.trainer import Trainer
@@ -45,13 +45,7 @@ def _setup(H: int = 3, halt_max_steps: int = 3, **arch: object):
     torch.manual_seed(0)
     model = build_model(tiny_arch(H_cycles=H, halt_max_steps=halt_max_steps, halt_exploration_prob=0.0, **arch),
                         seq_len=16, vocab_size=11, num_puzzle_identifiers=4, device=torch.device("cpu"))
-    generator = torch.Generator().manual_seed(1)
-    batch = {
-        "inputs": torch.randint(1, 11, (3, 16), generator=generator),
-        "labels": torch.randint(1, 11, (3, 16), generator=generator),
-        "puzzle_identifiers": torch.tensor([0, 2, 3]),
-    }
-    batch["labels"][:, 12:] = IGNORE_LABEL_ID
+    batch = tiny_trm_batch()
     return model, ACTLossHead(model), batch
 
 

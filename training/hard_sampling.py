@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dataset.puzzle_dataset import PuzzleDataset
+
 
 class HardExampleSampler:
     """Per-identifier counts of finished and exactly-right training samples, and the weights they give.
@@ -69,6 +71,12 @@ class HardExampleSampler:
         """``1 - correct / (seen + 1)`` per identifier, from the counts at the last iteration boundary."""
         seen, correct = self.boundary.numpy()
         return 1.0 - correct / (seen + 1.0)
+
+    def apply(self, data: PuzzleDataset) -> dict[str, float]:
+        """Make ``data`` draw by :meth:`identifier_weights`; return ``train/sampling_weight_min|mean`` over its puzzles."""
+        data.set_puzzle_weights(self.identifier_weights())
+        weights = data.puzzle_weights()
+        return {"train/sampling_weight_min": float(weights.min()), "train/sampling_weight_mean": float(weights.mean())}
 
     def state_dict(self) -> dict[str, Any]:
         """The synchronised counts (call :meth:`sync` first on every rank)."""

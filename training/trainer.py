@@ -133,17 +133,14 @@ class Trainer:
         except (ValueError, ImportError) as error:  # ImportError: an aggregator's optional solver is missing
             raise ConfigError(str(error)) from None
         split = self.jd_step.split
-        try:  # a loss-weighting baseline (jd.scalarizer) is sized for the global number of objectives
-            global_m = split.global_num_objectives(
-                batch_size=self.micro_batch, seq_len=meta.seq_len, H_cycles=config.arch.H_cycles,
-                halt_max_steps=config.arch.halt_max_steps, world_size=dist_info.world_size, n_groups=config.jd.n_groups,
+        try:  # sizes the step (a scalarizer is built for the global number of objectives)
+            cost = self.jd_step.prepare(
+                batch_size=self.micro_batch, seq_len=meta.seq_len, H_cycles=config.arch.H_cycles, halt_max_steps=config.arch.halt_max_steps,
+                grad_accum_steps=config.grad_accum_steps, device=dist_info.device,
             )
-            scalarizer = self.jd_step.build_scalarizer(global_m, dist_info.device)
-            if scalarizer is not None and scalarizer.updates_after_step and config.grad_accum_steps > 1:
-                raise ValueError(f"jd.scalarizer={config.jd.scalarizer} updates from the step's batch recomputed after the step; use grad_accum_steps=1")
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        cost = self.jd_step.cost_note(global_m if config.jd.n_groups is None else config.jd.n_groups)
+        scalarizer = self.jd_step.scalarizer
         if cost and dist_info.is_main:
             print(f"note: {cost}", flush=True)
         self.supervision_steps = split.supervision_steps(config.arch.halt_max_steps)  # at most, in the same_batch loop
@@ -176,7 +173,7 @@ class Trainer:
             raise ConfigError(str(error)) from None
         self.params = self.optimizers.params
         self.sampler = HardExampleSampler(meta.num_puzzle_identifiers, dist_info.device, dist_info.world_size) if config.custom_sampling else None
-        self._sampling_stats: dict[str, float] = {"train/sampling_weight_min": 1.0, "train/sampling_weight_mean": 1.0}
+        self._sampling_stats = self.sampler.apply(self.train_data) if self.sampler is not None else {}  # uniform until counted
         self.ema = EMA(self.model, config.ema_rate) if config.ema else None
         if config.compile_enabled(dist_info.device.type):
             compile_core(self.model, repeated_backward=config.jd.split != "none")
@@ -234,8 +231,7 @@ class Trainer:
         def one_step_of_forwards() -> None:
             carry = self.loss_head.initial_carry(sample)
             for _ in range(self.supervision_steps):
-                carry = self.loss_head(carry, sample, global_batch_size=1, keep_cycle_logits=self.jd_step.split.needs_cycle_logits,
-                                       differential_cycles=self.jd_step.split.needs_differential_cycles)[0]
+                carry = self._supervision_step(carry, sample, global_batch_size=1)[0]
 
         try:
             with preserved_rng():
@@ -375,14 +371,7 @@ class Trainer:
             micro_batch = {key: value[rows].to(self.dist.device, non_blocking=True) for key, value in batch.items()}
             if self.carries[micro] is None:
                 self.carries[micro] = self.loss_head.initial_carry(micro_batch)
-            carry, terms, metrics, outputs, _ = self.loss_head(
-                self.carries[micro],
-                micro_batch,
-                global_batch_size=config.global_batch_size,
-                keep_cycle_logits=split.needs_cycle_logits,
-                differential_cycles=split.needs_differential_cycles,
-                carry_noise=config.jd.carry_perturbation_rate,
-            )
+            carry, terms, metrics, outputs, _ = self._supervision_step(self.carries[micro], micro_batch, config.global_batch_size)
             self.carries[micro] = carry
             step_terms.append(terms)
             metrics["sample_steps"] = torch.tensor(float(carry.halted.shape[0]), device=sums.device)
@@ -400,19 +389,27 @@ class Trainer:
     def _recompute_objectives(self, batches: list[dict[str, Tensor]], carries: list[ACTCarry | None], rng: dict[str, Any]) -> None:
         """FAMO: the step's objectives again after the update, from the same carry, batch and random
         draws, without gradient and without moving the training trajectory (one micro-batch)."""
-        split, steps = self.jd_step.split, []
+        steps = []
         with torch.no_grad(), preserved_rng():
             restore_rng(rng)
             carry = carries[0]
             for batch in batches:
                 micro_batch = {key: value.to(self.dist.device, non_blocking=True) for key, value in batch.items()}
                 carry = self.loss_head.initial_carry(micro_batch) if carry is None else carry
-                carry, terms, _, _, _ = self.loss_head(
-                    carry, micro_batch, global_batch_size=self.config.global_batch_size, keep_cycle_logits=split.needs_cycle_logits,
-                    differential_cycles=split.needs_differential_cycles, carry_noise=self.config.jd.carry_perturbation_rate,
-                )
+                carry, terms, _, _, _ = self._supervision_step(carry, micro_batch, self.config.global_batch_size)
                 steps.append(terms)
         self.jd_step.recomputed(steps)
+
+    def _supervision_step(
+        self, carry: ACTCarry, batch: dict[str, Tensor], global_batch_size: int
+    ) -> tuple[ACTCarry, LossTerms, dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """One ACT step of the loss head with what the split needs (per-cycle graphs and losses) and the
+        configured carry noise."""
+        split = self.jd_step.split
+        return self.loss_head(
+            carry, batch, global_batch_size=global_batch_size, keep_cycle_logits=split.needs_cycle_logits,
+            differential_cycles=split.needs_differential_cycles, carry_noise=self.config.jd.carry_perturbation_rate,
+        )
 
     def _all_halted(self, carry: ACTCarry) -> bool:
         """Whether every sample has halted, agreed by all ranks when they aggregate one Jacobian (its m must agree)."""
@@ -496,8 +493,7 @@ class Trainer:
         out["train/skipped_nonfinite"] = float(self.progress.skipped_nonfinite)
         out["train/step_time_s"] = time.perf_counter() - started
         out.update(jd_metrics)
-        if self.sampler is not None:
-            out.update(self._sampling_stats)
+        out.update(self._sampling_stats)
         return out
 
     def _nonfinite_message(self) -> str:
@@ -524,12 +520,8 @@ class Trainer:
             self.progress.iteration += 1
             self.progress.batch_in_iteration = 0
             if self.sampler is not None:  # hard-example sampling: the next iterations draw by the counts so far
-                self._set_sampling_weights(self.sampler.end_iteration())
-
-    def _set_sampling_weights(self, identifier_weights: Any) -> None:
-        self.train_data.set_puzzle_weights(identifier_weights)
-        weights = self.train_data.puzzle_weights()
-        self._sampling_stats = {"train/sampling_weight_min": float(weights.min()), "train/sampling_weight_mean": float(weights.mean())}
+                self.sampler.end_iteration()
+                self._sampling_stats = self.sampler.apply(self.train_data)
 
     # -------------------------------------------------------------------------- evaluation
     def _evaluate_and_log(self) -> dict[str, float]:
@@ -609,7 +601,7 @@ class Trainer:
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
             raise CheckpointError(f"{path}: optimizer or sampler state does not fit this run ({error})") from error
         if self.sampler is not None:
-            self._set_sampling_weights(self.sampler.identifier_weights())
+            self._sampling_stats = self.sampler.apply(self.train_data)
         if self.ema is not None:
             if state.get("ema") is None:
                 self.ema = EMA(self.model, self.config.ema_rate)  # the run had no EMA: start it from the loaded weights
