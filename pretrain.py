@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
@@ -43,6 +44,8 @@ from training.checkpoint import CheckpointError
 from training.config import DEMO_DATA_PATH, ConfigError, TrainConfig, known_keys, parse_config, unknown_key_message
 from training.distributed import DistInfo, setup_distributed, teardown_distributed
 from training.run_dir import RunDirError
+from training.interrupt import StartupSignals
+from training.threads import choose_threads
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, RunDirError)
 EXIT_BAD_INPUT = 2
@@ -75,10 +78,16 @@ def run(config: TrainConfig) -> dict:
     """
     from training.trainer import Trainer
 
-    dist_info = setup_distributed(config.device)
+    with StartupSignals():  # a signal while starting is not silent; training installs its own handlers
+        dist_info = setup_distributed(config.device)
     try:
-        ensure_demo_data(config, dist_info)
-        trainer = Trainer(config, dist_info)
+        threads, note = choose_threads(config.threads, dist_info.device)
+        torch.set_num_threads(threads)
+        if note and dist_info.is_main:
+            report(note)
+        with StartupSignals():
+            ensure_demo_data(config, dist_info)
+            trainer = Trainer(config, dist_info)
         summary = trainer.fit()
         if dist_info.is_main:
             shown = {k: round(v, 4) for k, v in summary["eval"].items() if "accuracy" in k or "pass@" in k}

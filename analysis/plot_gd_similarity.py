@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from analysis.runs import (DEFAULT_GROUP_BY, AnalysisError, Run, group_name, group_runs, load_runs,
                            parse_label_fields)
@@ -71,9 +72,10 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def run_curve(run: Run, metric: str, smooth: int = 1, label: str | None = None) -> Curve:
-    """``metric``'s finite values for one run, smoothed over ``smooth`` logged points."""
+    """``metric``'s finite values for one run, smoothed over ``smooth`` logged points; labelled with its method."""
     steps, values = run.metrics.series(metric, finite_only=True)
-    return Curve(key=run.source, label=label or run.name, steps=steps, mean=moving_average(values, smooth),
+    label = label or f"{run.name} ({group_name(run.labels(DEFAULT_GROUP_BY), DEFAULT_GROUP_BY)})"
+    return Curve(key=run.source, label=label, steps=steps, mean=moving_average(values, smooth),
                  std=None, n_runs=1)
 
 
@@ -127,6 +129,7 @@ def draw_curves(ax: Axes, curves: Sequence[Curve], band: bool, ylabel: str,
             ax.fill_between(curve.steps, curve.mean - curve.std, curve.mean + curve.std,
                             color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even on a short run
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
 
@@ -156,6 +159,12 @@ def save_figure(figure: Figure, paths: Sequence[Path]) -> list[Path]:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=150, bbox_inches="tight")
     return list(paths)
+
+
+def effective_window(runs: Sequence[Run], metric: str, smooth: int) -> int:
+    """The smoothing window as it acts: ``smooth``, or fewer when no run logged that many points."""
+    longest = max((run.metrics.series(metric, finite_only=True)[0].size for run in runs), default=0)
+    return max(1, min(smooth, longest))
 
 
 def has_values(run: Run, metric: str) -> bool:
@@ -202,7 +211,8 @@ def plot_gd_similarity(runs: Sequence[Run], out: Path, *, metric: str = GD_SIMIL
         raise MissingMetricError(f"none of the {len(runs)} run(s) logged {metric!r}; GD runs (jd.split=none) "
                                  "and runs with jd.diagnostics=false log no jd/ metrics")
     curves = build_curves(with_metric, metric, group_by=group_by, smooth=smooth)
-    smoothing = f", trailing mean over {smooth} logged points" if smooth > 1 else ""
+    window = effective_window(with_metric, metric, smooth)
+    smoothing = f", trailing mean over {window} logged points" if window > 1 else ""
     title = f"{metric}{smoothing}"
     return save_figure(gd_similarity_figure(curves, metric, band=band, title=title), paths)
 

@@ -29,7 +29,9 @@ WANDB_PREFIX = "wandb:"
 GD_SPLIT = "none"
 GD_AGGREGATOR = "gd"
 UNKNOWN = "?"
-LABEL_FIELDS = ("split", "method", "aggregator", "seed", "arch", "data", "project")
+FINISHED = "finished"
+NO_SUMMARY = "running or killed (no summary.json yet)"
+LABEL_FIELDS = ("split", "method", "aggregator", "seed", "epochs", "arch", "data", "project")
 DEFAULT_GROUP_BY = ("split", "method")
 
 # Folders inside a run directory (or next to runs) that never hold runs of their own.
@@ -187,6 +189,12 @@ class Run:
         return None if value is None else int(value)
 
     @property
+    def epochs(self) -> str:
+        """``epochs`` as text (a label: e.g. GD at the JD runs' epochs vs GD given their wall-clock)."""
+        value = _config_value(self.config, "epochs")
+        return UNKNOWN if value is None else str(value)
+
+    @property
     def arch(self) -> str:
         value = _config_value(self.config, "arch.name")
         return UNKNOWN if value is None else str(value)
@@ -215,7 +223,8 @@ class Run:
 
     @property
     def status(self) -> str:
-        return str(self.summary.get("status", "unknown"))
+        """``summary.json``'s status (``finished``, ``interrupted by SIGTERM``, ...); a run without one has not ended."""
+        return str(self.summary.get("status", NO_SUMMARY))
 
     def label(self, name: str) -> str:
         """One derived label as text; ``name`` is one of ``LABEL_FIELDS``."""

@@ -246,9 +246,30 @@ def _holds_results(folder: Path) -> bool:
     return any((folder / name).exists() for name in RESULT_FILES)
 
 
+def ensure_writable_dir(folder: Path) -> Path:
+    """Write a probe file into ``folder``, or its nearest existing parent (nothing is created), so an
+    unwritable place fails before the evaluation rather than after it."""
+    from training.checkpoint import write_failure
+
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise EvalInputError(f"cannot write the results into {folder}: {write_failure(folder, error)}; "
+                             "give a writable --out DIR") from None
+    return folder
+
+
 def choose_output_dir(requested: Path | None, run_dir: Path, step: int, overwrite: bool) -> Path:
-    """Where results go: ``requested`` (refused if it already holds results, unless ``overwrite``) or
-    ``run_dir/eval/standalone-step_N`` with a numbered suffix when that one holds results."""
+    """Where results go (created, checked writable): ``requested`` (refused if it already holds results,
+    unless ``overwrite``) or ``run_dir/eval/standalone-step_N`` with a numbered suffix when that one holds results."""
+    return ensure_writable_dir(_output_dir(requested, run_dir, step, overwrite))
+
+
+def _output_dir(requested: Path | None, run_dir: Path, step: int, overwrite: bool) -> Path:
     if requested is not None:
         if requested.exists() and not requested.is_dir():
             raise EvalInputError(f"--out {requested} is a file; give a folder")

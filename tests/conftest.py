@@ -84,3 +84,13 @@ def compose(overrides: list[str]) -> "TrainConfig":  # noqa: F821 - imported laz
     with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
         raw = hydra_compose(config_name="cfg_pretrain", overrides=overrides)
     return parse_config(raw)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA: without it they are skipped, with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); run on a GPU machine, e.g. by python -m analysis.device_check")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from analysis.compare import STATISTICS, compare, summarize
 from analysis.plot_gd_similarity import (MissingMetricError, OutputExistsError, build_curves, mean_curve,
                                          moving_average, plot_gd_similarity)
-from analysis.runs import (DEFAULT_GROUP_BY, AnalysisError, MetricTable, RunLoadError, group_runs, load_run_dir, load_runs,
+from analysis.runs import (DEFAULT_GROUP_BY, NO_SUMMARY, AnalysisError, MetricTable, RunLoadError, group_runs, load_run_dir, load_runs,
                            parse_label_fields, read_metrics_file)
 from analysis.wandb_source import (WandbUnavailableError, ensure_wandb_available, find_wandb_credentials,
                                    parse_wandb_source, run_from_history, wandb_unavailable_reason)
@@ -127,7 +127,7 @@ def test_labels_come_from_the_config(sweep: Path) -> None:
         ("none", "gd", 1, "trm", "sudoku-tiny", "sweep")
     assert (jd.split, jd.aggregator, jd.seed) == ("iwrm_with_q_halt_in", "mgda", 0)
     assert gd.final_step == 20 and gd.status == "finished"
-    assert jd.final_step == 20 and jd.status == "unknown"  # no summary.json: largest logged step
+    assert jd.final_step == 20 and jd.status == NO_SUMMARY  # no summary.json: largest logged step
     unnamed = load_run_dir(write_run(sweep, "unnamed", project="by-folder", project_in_config=False))
     assert unnamed.project == "by-folder"  # project_name unset: the run directory's parent folder
 
@@ -231,8 +231,8 @@ def test_compare_table_matches_the_metrics_files(sweep: Path, tmp_path: Path) ->
     runs = load_runs([sweep], progress=False)
     out = tmp_path / "cmp"
     written = compare(runs, out, html=True)
-    assert sorted(p.name for p in written) == ["learning_curves.png", "learning_curves.svg", "report.html",
-                                               "summary.csv", "summary.md"]
+    assert sorted(p.name for p in written) == ["differences.csv", "learning_curves.png", "learning_curves.svg",
+                                               "report.html", "summary.csv", "summary.md"]
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["split"], r["method"], r["n_runs"]) for r in rows] == \

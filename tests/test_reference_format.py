@@ -108,7 +108,9 @@ def test_arc_voting_on_a_reference_build_matches_the_reference_evaluator(tmp_pat
 # --------------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("name, data", MODELS)
 def test_reference_checkpoint_gives_the_reference_outputs(name: str, data: str) -> None:
-    """Same weights, same answers: every ACT step's predictions and halting logits, and the final logits, bit for bit."""
+    """Same weights, same answers: every ACT step's predictions exactly, its halting logits and the final
+    logits to float32 round-off. (Bit for bit on the CPU that made the fixture; another CPU's vector
+    kernels sum in another order, which moves the last bits: up to 2e-5 after 16 ACT steps on another CPU.)"""
     path, state, config, sizes = read_checkpoint(FIXTURE / "checkpoints" / name, data_paths=[str(FIXTURE / data)])
     loaded = model_from_checkpoint(path, state, config, sizes, device=torch.device("cpu"))
     expected = np.load(FIXTURE / "outputs" / f"{name}.npz")
@@ -125,8 +127,8 @@ def test_reference_checkpoint_gives_the_reference_outputs(name: str, data: str) 
     got = np.stack(preds).reshape(-1, steps, *preds[0].shape).transpose(0, 2, 1, 3).reshape(expected["preds"].shape)
     assert np.array_equal(got, expected["preds"])
     got_q = np.stack(q_halts).reshape(-1, steps, q_halts[0].shape[0]).transpose(0, 2, 1).reshape(expected["q_halt_logits"].shape)
-    assert np.array_equal(got_q, expected["q_halt_logits"])
-    assert np.array_equal(np.concatenate(logits)[: len(expected["logits"])], expected["logits"])
+    np.testing.assert_allclose(got_q, expected["q_halt_logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(logits)[: len(expected["logits"])], expected["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_evaluators_run_on_a_reference_checkpoint_says_where_values_came_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

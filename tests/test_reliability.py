@@ -60,10 +60,13 @@ def assert_files_kept(before: dict[str, str], root: Path, allow_changed: tuple[s
     assert not lost and not changed, f"lost {lost}, overwritten {changed}"
 
 
+WALL_CLOCK_KEYS = frozenset({"train/step_time_s", "train/data_wait_s"})
+
+
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """``metrics.jsonl`` without the wall-clock timings (the only values that may differ between runs)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in record.items() if k != "train/step_time_s"} for record in records]
+    return [{k: v for k, v in record.items() if k not in WALL_CLOCK_KEYS} for record in records]
 
 
 def assert_identical(a: Any, b: Any, where: str = "state") -> None:
@@ -116,6 +119,15 @@ def wait_for(condition: Any, process: subprocess.Popen[str], timeout: float = 12
             process.kill()
             pytest.fail("timed out waiting for the training process")
         time.sleep(0.003)
+
+
+def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
+    """Start ``pretrain.py ARGS`` and SIGKILL it as soon as the checkpoint of ``step`` exists."""
+    process = start_pretrain(args)
+    wait_for(lambda: (run_dir / "checkpoints" / f"step_{step:08d}.pt").exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -213,11 +225,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(sudo
     args = tiny_overrides(sudoku_data, tmp_path, run_name="killed", **common)
     run_dir = tmp_path / "sudoku4" / "killed"
 
-    process = start_pretrain(args)
-    wait_for(lambda: (run_dir / "checkpoints" / f"step_{kill_after:08d}.pt").exists(), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    kill_after_checkpoint(args, run_dir, kill_after)
     checkpoints = list_checkpoints(run_dir)
     assert checkpoints and len(checkpoints) <= keep_last + 1, f"killed after step {kill_after}: {checkpoints}"
     for checkpoint in checkpoints:  # whatever moment the kill hit, every checkpoint on disk is whole
@@ -561,3 +569,21 @@ def test_bad_checkpoints_fail_in_one_line_and_change_nothing(sudoku_data: Path, 
     assert status == 0, err
     assert_files_kept(before, tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path / "sudoku4" / "branch")][-1] == "step_00000004.pt"
+
+
+def test_a_signal_while_starting_stops_with_a_word_and_a_second_signal_is_named_in_the_status(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    from training.interrupt import StartupSignals, stopped_at_once_status
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with pytest.raises(SystemExit) as stopped:
+            with StartupSignals():
+                os.kill(os.getpid(), sig)
+                time.sleep(1)
+        assert stopped.value.code == 128 + sig
+        assert f"{sig.name} received before training started" in capfd.readouterr().err
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    assert stopped_at_once_status(SystemExit(128 + signal.SIGTERM)) == "stopped by a second SIGTERM, without a new checkpoint"
+    assert stopped_at_once_status(KeyboardInterrupt()) == "stopped by a second SIGINT, without a new checkpoint"
+    assert stopped_at_once_status(ValueError()) is None

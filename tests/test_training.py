@@ -272,3 +272,12 @@ def test_python_m_jd_lists_what_the_config_accepts() -> None:
     text = describe()
     assert all(f"  {name}" in text for name in split_names() + scalarizer_names())
     assert "constant       weights*" in text and "experiment= (config/experiment/): arc1, arc1_single_gpu" in text
+
+
+def test_eval_steps_add_early_evaluations(sudoku_data: Path, tmp_path: Path) -> None:
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="early", max_steps=5, eval_interval=100,
+                                         eval_steps="[2]")))
+    records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/exact_accuracy" in r] == [2, 5]  # the early one, then the final one
+    assert compose(tiny_overrides(sudoku_data, tmp_path)).eval_steps == [150]  # the demo's default
+    assert compose([*tiny_overrides(sudoku_data, tmp_path), "experiment=maze"]).eval_steps == []

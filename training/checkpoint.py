@@ -53,6 +53,22 @@ def run_dir_of(checkpoint: Path) -> Path | None:
     return None
 
 
+def write_failure(folder: Path, error: BaseException) -> str:
+    """Why a write into ``folder`` failed, in words: no space, no permission, or the error's own message."""
+    import errno
+    import shutil
+
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{folder} is not writable ({error.strerror})"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or free == 0 or "unexpected pos" in str(error):
+        return f"no space left on the device of {folder} ({0 if free is None else free // 2**20} MiB free)"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: int) -> Path:
     """Write ``state`` atomically as the checkpoint of ``step``; delete all but the ``keep_last`` newest.
 
@@ -62,8 +78,12 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: 
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     path = checkpoint_path(run_dir, step)
     state = {"format": CHECKPOINT_FORMAT, "step": step, **state}
-    with atomic_open(path, "wb") as file:
-        torch.save(state, file)
+    try:
+        with atomic_open(path, "wb") as file:
+            torch.save(state, file)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError of its zip writer
+        raise CheckpointError(f"cannot write the checkpoint {path}: {write_failure(path.parent, error)}; "
+                              "the earlier checkpoints are intact") from None
     remove_stale_temp_files(path.parent)  # left by a write that was killed earlier
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)

@@ -63,6 +63,7 @@ class TrainConfig(BaseModel):
     epochs: int = Field(ge=1)
     eval_interval: int | None = Field(default=None, ge=1, description="epochs between evaluations; None = only at the end")
     min_eval_interval: int = Field(default=0, ge=0)
+    eval_steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # extra evaluations at these optimizer steps
     eval_max_batches: int | None = Field(default=None, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
 
@@ -99,6 +100,8 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: Literal["auto", "true", "false"] | bool = "auto"
     log_interval: int = Field(default=1, ge=1)
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None: chosen from the cores and the load
+    prefetch_batches: int | None = Field(default=None, ge=0)  # read-ahead depth; None: 2 on CUDA, 0 (none) on CPU
     progress_bar: bool = True
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     objective: str = Field(
@@ -150,8 +153,8 @@ class TrainConfig(BaseModel):
 
 TRAJECTORY_NEUTRAL_KEYS = (
     "project_name", "run_name", "runs_root", "run_dir", "load_checkpoint", "resume", "checkpoint_every_eval",
-    "checkpoint_interval", "keep_last", "max_nonfinite_steps", "device", "compile", "log_interval", "progress_bar",
-    "wandb", "evaluators", "data_paths_test", "eval_max_batches", "min_eval_interval", "jd.diagnostics", "objective",
+    "checkpoint_interval", "keep_last", "max_nonfinite_steps", "device", "compile", "log_interval", "threads", "prefetch_batches", "progress_bar",
+    "wandb", "evaluators", "data_paths_test", "eval_max_batches", "min_eval_interval", "eval_steps", "jd.diagnostics", "objective",
 )
 """Keys that do not change the training trajectory (where the run writes, what it logs or evaluates)."""
 

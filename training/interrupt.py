@@ -51,6 +51,45 @@ class StopSignals:
         _say(f"\n{name} received: stopping after this step with a checkpoint (send it again to stop at once)\n")
 
 
+def stopped_at_once_status(error: BaseException) -> str | None:
+    """The run status for the exception a second signal raises (None for any other exception)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "stopped by a second SIGINT, without a new checkpoint"
+    if isinstance(error, SystemExit) and error.code == 128 + signal.SIGTERM:
+        return "stopped by a second SIGTERM, without a new checkpoint"
+    return None
+
+
+class StartupSignals:
+    """Before training starts (imports, data, model, run directory): SIGTERM/SIGINT stop at once, saying so.
+
+    Without it the default action would end the process silently. :class:`StopSignals` takes over
+    during training; the previous handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StartupSignals:
+        for sig in HANDLED:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @staticmethod
+    def _handle(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        _say(f"\n{name} received before training started: stopped (no step was trained, no checkpoint written)\n")
+        raise SystemExit(128 + signum)
+
+
 def _say(message: str) -> None:
     """Write to stderr from a signal handler (``print`` may be in use by the interrupted code)."""
     try:

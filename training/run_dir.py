@@ -176,6 +176,9 @@ def prepare_run_dir(config: TrainConfig, dist_info: DistInfo, plan: RunPlan) -> 
         except OSError as error:
             raise RunDirError(f"cannot create the run directory {run_dir} ({error.strerror}); check runs_root / run_dir") from None
         for folder in (run_dir, run_dir / "checkpoints"):
+            if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+                raise RunDirError(f"the run directory {folder} is not writable; this run must write its checkpoints "
+                                  "and metrics there (fix its permissions, or start a new run from it with run_name=NEW)")
             remove_stale_temp_files(folder)
         config_file = run_dir / "config.yaml"
         resolved = OmegaConf.to_yaml(OmegaConf.create(config.model_dump(mode="json")))

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -62,9 +61,10 @@ from training.distributed import DistInfo, ElasticInfo, broadcast_module_, decid
 from training.evaluation import ExampleProgress, build_evaluators, evaluate
 from training.hard_sampling import HardExampleSampler
 from training.init_weights import init_weights_from, resolve_init_from
-from training.interrupt import StopSignals
+from training.interrupt import StopSignals, stopped_at_once_status
 from training.logger import RunLogger, check_wandb_config
 from training.optimizers import RunOptimizers
+from training.prefetch import TrainBatches
 from training.scalarizer_schedule import ScalarizerSchedule
 from training.run_dir import RunPlan, plan_run, prepare_run_dir
 from training.state import (
@@ -187,7 +187,7 @@ class Trainer:
         self.scalarizer_schedule = ScalarizerSchedule(self.jd_step.scalarizer, self.train_data, epochs_per_iter)
         self.progress = Progress()
         self.carries: list[ACTCarry | None] = [None] * config.grad_accum_steps
-        self._batches: Iterator[dict[str, Tensor]] | None = None
+        self._batches: TrainBatches | None = None  # opened at the first step, at the restored position
         self._saved_progress: dict[str, int] | None = None  # the progress of the last checkpoint written
         self._evaluated_step: int | None = None  # the step of the last evaluation in this process
         self._stop_signal: str | None = None
@@ -295,7 +295,8 @@ class Trainer:
                     crossed = self.progress.iteration > iteration_before
                     epochs_done = self.progress.iteration * (config.eval_interval or config.epochs)
                     finite_step = self.progress.consecutive_nonfinite == 0  # checkpoints only after a good step
-                    if crossed and config.eval_interval and epochs_done >= config.min_eval_interval and self.progress.step < self.total_steps:
+                    scheduled = crossed and config.eval_interval and epochs_done >= config.min_eval_interval
+                    if (scheduled or self.progress.step in config.eval_steps) and self.progress.step < self.total_steps:
                         # Checkpoint first: a run killed during a long evaluation loses no training.
                         self.progress.eval_pending = 1
                         if config.checkpoint_every_eval and finite_step:
@@ -320,11 +321,13 @@ class Trainer:
             raise
         except BaseException as error:
             if status == "finished":
-                status = f"failed: {type(error).__name__}"
+                status = stopped_at_once_status(error) or f"failed: {type(error).__name__}"
             raise
         finally:
             if progress_bar is not None:
                 progress_bar.close()
+            if self._batches is not None:
+                self._batches.close()
             summary = {"status": status, "final_step": self.progress.step, "run_dir": str(self.run_dir), "eval": last_eval}
             latest = latest_checkpoint(self.run_dir) if self.dist.is_main else None
             summary["checkpoint"] = None if latest is None else str(latest)
@@ -348,10 +351,11 @@ class Trainer:
         if self._batches is None:
             self._batches = self._batch_stream()
         before = (self.progress.iteration, self.progress.batch_in_iteration)
-        step_batches = [next(self._batches, None) for _ in range(self.batches_per_step)]
+        step_batches = [self._batches.next() for _ in range(self.batches_per_step)]
         if any(batch is None for batch in step_batches):
             return None
         metrics = self._train_step(step_batches)  # type: ignore[arg-type]
+        metrics["train/data_wait_s"] = self._batches.take_wait()
         self.progress.step += 1
         self.scalarizer_schedule.after_step(before, (self.progress.iteration, self.progress.batch_in_iteration))
         return metrics
@@ -511,17 +515,19 @@ class Trainer:
         return f"the newest checkpoint, {latest}, holds the last good state (lower lr, or set grad_clip_norm, and resume from it)"
 
     # ------------------------------------------------------------------------------- data
-    def _batch_stream(self) -> Iterator[dict[str, Tensor]]:
-        """Global batches (this rank's slice) across data iterations, advancing ``self.progress``."""
-        while self.progress.iteration < self.total_iterations:
-            for batch in self.train_data.train_batches(self.progress.iteration, start_batch=self.progress.batch_in_iteration):
-                self.progress.batch_in_iteration += 1
-                yield batch
-            self.progress.iteration += 1
-            self.progress.batch_in_iteration = 0
-            if self.sampler is not None:  # hard-example sampling: the next iterations draw by the counts so far
-                self.sampler.end_iteration()
-                self._sampling_stats = self.sampler.apply(self.train_data)
+    def _batch_stream(self) -> TrainBatches:
+        """Global batches (this rank's slice) from the current data position, read ahead on CUDA."""
+        depth = self.config.prefetch_batches
+        if depth is None:
+            depth = 2 if self.dist.device.type == "cuda" else 0
+        return TrainBatches(self.progress, self.total_iterations, self.train_data.train_batches,
+                            self._end_iteration, depth, self.dist.device)
+
+    def _end_iteration(self) -> None:
+        """After an iteration's last batch: hard-example sampling draws the next iterations by the counts so far."""
+        if self.sampler is not None:
+            self.sampler.end_iteration()
+            self._sampling_stats = self.sampler.apply(self.train_data)
 
     # -------------------------------------------------------------------------- evaluation
     def _evaluate_and_log(self) -> dict[str, float]:
