@@ -83,11 +83,11 @@ def run(config: TrainConfig) -> dict:
     try:
         threads, note = choose_threads(config.threads, dist_info.device)
         torch.set_num_threads(threads)
-        if note and dist_info.is_main:
-            report(note)
         with StartupSignals():
             ensure_demo_data(config, dist_info)
             trainer = Trainer(config, dist_info)
+        if note and dist_info.is_main:  # after every input check: a bad-input error stays the only line
+            report(note)
         summary = trainer.fit()
         if dist_info.is_main:
             shown = {k: round(v, 4) for k, v in summary["eval"].items() if "accuracy" in k or "pass@" in k}

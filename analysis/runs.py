@@ -9,6 +9,7 @@ patterns, and ``wandb:ENTITY/PROJECT[/RUN_ID | @GROUP]`` sources (read through `
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+METRICS_GZ = "metrics.jsonl.gz"  # an archived run: the same lines, gzip-compressed (read the same way)
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 WANDB_PREFIX = "wandb:"
@@ -280,13 +282,19 @@ def group_name(key: Sequence[str], fields: Sequence[str]) -> str:
 
 
 def read_metrics_file(path: Path) -> MetricTable:
-    """Parse a ``metrics.jsonl`` file.
+    """Parse a ``metrics.jsonl`` file (or a gzip-compressed ``metrics.jsonl.gz``).
 
     Blank lines are skipped, and so is an unfinished last line (a run still writing); any other line
     that is not a JSON object with an integer ``step`` is an error naming the file and line.
     """
     records = []
-    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".gz":
+        try:
+            text = gzip.decompress(path.read_bytes()).decode("utf-8")
+        except (OSError, EOFError) as error:
+            raise RunLoadError(f"{path}: not a readable gzip file ({error})") from None
+    else:
+        text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -335,7 +343,13 @@ def _read_summary(path: Path) -> dict[str, Any]:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / METRICS_FILE).is_file()
+    return (path / METRICS_FILE).is_file() or (path / METRICS_GZ).is_file()
+
+
+def metrics_path(path: Path) -> Path:
+    """The run directory's metrics file: ``metrics.jsonl``, else ``metrics.jsonl.gz``."""
+    plain = path / METRICS_FILE
+    return plain if plain.is_file() else path / METRICS_GZ
 
 
 def load_run_dir(path: Path) -> Run:
@@ -350,7 +364,7 @@ def load_run_dir(path: Path) -> Run:
     config = _read_config(config_path)
     name = config.get("run_name") or path.name
     return Run(name=str(name), source=str(path), config=config,
-               metrics=read_metrics_file(path / METRICS_FILE), summary=_read_summary(path / SUMMARY_FILE),
+               metrics=read_metrics_file(metrics_path(path)), summary=_read_summary(path / SUMMARY_FILE),
                default_project=path.resolve().parent.name or UNKNOWN)
 
 
@@ -365,7 +379,7 @@ def find_run_dirs(root: Path) -> list[Path]:
         return [root]
     found = []
     for folder, subfolders, files in os.walk(root):
-        if METRICS_FILE in files:
+        if METRICS_FILE in files or METRICS_GZ in files:
             found.append(Path(folder))
             subfolders.clear()
             continue
@@ -379,7 +393,7 @@ def _run_dirs_for(item: str) -> list[Path]:
         matches = sorted(glob.glob(item, recursive=True))
         if not matches:
             raise RunLoadError(f"no path matches the pattern {item!r}")
-        paths = [Path(m).parent if Path(m).name == METRICS_FILE else Path(m) for m in matches]
+        paths = [Path(m).parent if Path(m).name in (METRICS_FILE, METRICS_GZ) else Path(m) for m in matches]
         dirs = [d for p in paths if p.is_dir() for d in find_run_dirs(p)]
         if not dirs:
             raise RunLoadError(f"the pattern {item!r} matches {len(matches)} path(s) but no run directory "
@@ -389,7 +403,7 @@ def _run_dirs_for(item: str) -> list[Path]:
     if not path.exists():
         raise RunLoadError(f"no such file or directory: {item}")
     if path.is_file():
-        if path.name in (METRICS_FILE, CONFIG_FILE, SUMMARY_FILE):
+        if path.name in (METRICS_FILE, METRICS_GZ, CONFIG_FILE, SUMMARY_FILE):
             return [path.parent]
         raise RunLoadError(f"{item} is a file; give a run directory, a folder holding runs, or a glob")
     dirs = find_run_dirs(path)

@@ -212,7 +212,7 @@ def write_report(out_dir: Path, recipe: Recipe) -> list[Path]:
     """The comparison report of every run under ``OUT/runs`` in ``OUT/report`` (replacing an older one)."""
     runs = load_runs([out_dir / RUNS_FOLDER], progress=False)
     report = out_dir / REPORT_FOLDER
-    written = compare(runs, report, group_by=recipe.group_by, html=True, smooth=1, overwrite=True)
+    written = compare(runs, report, group_by=recipe.group_by, html=True, overwrite=True)
     jd_runs, _ = split_by_metric(runs, GD_SIMILARITY)
     if jd_runs:
         written += plot_gd_similarity(jd_runs, report / "gd_similarity", group_by=recipe.group_by, band=True,

@@ -14,11 +14,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import Aggregator
 from torchjd.autogram import Engine
-from torchjd.autojac import jac
 
 from jd.aggregators import gramian_weighting
 from jd.config import JDConfig
-from jd.update import JDUpdate, all_finite, flatten_blocks, gd_rows, grads_of
+from jd.update import JDUpdate, all_finite, flatten_blocks, gd_rows, grads_of, jacobian_blocks
 
 
 class ForwardCounter:
@@ -93,7 +92,7 @@ def autogram_update(
     gramian = engine.compute_gramian(objectives)  # also resets the engine's per-forward state
     jac_rows = rows if config.include_puzzle_embedding else []
     if jac_rows:
-        row_blocks = jac(objectives, jac_rows, retain_graph=True, parallel_chunk_size=config.parallel_chunk_size)
+        row_blocks = jacobian_blocks(objectives, jac_rows, config.parallel_chunk_size, retain_graph=True)
         row_matrix = flatten_blocks(row_blocks, m, objectives.detach())
         gramian = gramian + row_matrix @ row_matrix.T
     if not all_finite(objectives, gramian):

@@ -13,12 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchjd.aggregation import Aggregator
-from torchjd.autojac import jac
 
 from jd.aggregators import aggregate, gramian_weighting
 from jd.collective import Collective
 from jd.config import JDConfig
-from jd.update import JDUpdate, all_finite, flatten_blocks, gd_rows, unflatten
+from jd.update import JDUpdate, all_finite, flatten_blocks, gd_rows, jacobian_blocks, unflatten
 
 
 def global_update(
@@ -63,7 +62,7 @@ def global_update(
 
     aggregator = aggregator_for(m)
     inputs = params + jac_rows
-    blocks = list(jac(objectives, inputs, parallel_chunk_size=config.parallel_chunk_size))
+    blocks = jacobian_blocks(objectives, inputs, config.parallel_chunk_size)
     param_matrix = flatten_blocks(blocks[: len(params)], local_m, objectives.detach())
     row_matrix = flatten_blocks(blocks[len(params) :], local_m, objectives.detach())
     del blocks

@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchjd.aggregation import Aggregator
-from torchjd.autojac import jac
 
 from jd.aggregators import aggregate, gramian_weighting
 from jd.config import JDConfig
-from jd.update import JDUpdate, all_finite, flatten_blocks, gd_rows, unflatten
+from jd.update import JDUpdate, all_finite, flatten_blocks, gd_rows, jacobian_blocks, unflatten
 
 
 def local_update(
@@ -29,7 +28,7 @@ def local_update(
         return JDUpdate(m)
     left_out = gd_rows(objectives, rows, config.include_puzzle_embedding)
     inputs = params + jac_rows
-    blocks = list(jac(objectives, inputs, parallel_chunk_size=config.parallel_chunk_size)) if inputs else []
+    blocks = jacobian_blocks(objectives, inputs, config.parallel_chunk_size) if inputs else []
     update = JDUpdate(m)
     if engine in ("gramian", "per_sample"):
         weighting = gramian_weighting(aggregator)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,3 +64,21 @@ def accumulate_grad(tensor: Tensor, grad: Tensor) -> None:
         tensor.grad = grad
     else:
         tensor.grad.add_(grad)
+
+
+_VMAP_FALLBACK = "There is a performance drop because we have not yet implemented the batching rule"
+
+
+def jacobian_blocks(objectives: Tensor, inputs: list[Tensor], parallel_chunk_size: int | None,
+                    retain_graph: bool = False) -> list[Tensor]:
+    """``torchjd.autojac.jac`` of ``objectives`` w.r.t. ``inputs`` (one block per input, ``m`` rows each).
+
+    With rows batched by ``torch.vmap`` (``parallel_chunk_size`` > 1 or None), PyTorch warns, asking for
+    a bug report, when an operation (the CPU attention backward) has no batching rule and runs row by
+    row; that cost is measured in the benchmark, so the warning is not shown.
+    """
+    from torchjd.autojac import jac
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_VMAP_FALLBACK)
+        return list(jac(objectives, inputs, retain_graph=retain_graph, parallel_chunk_size=parallel_chunk_size))

@@ -381,3 +381,19 @@ def test_a_sweep_mixing_aggregators_and_scalarizers_groups_them_by_method(tmp_pa
     groups = group_runs(runs, DEFAULT_GROUP_BY)
     assert [key[1] for key in groups] == ["aggregator:upgrad", "scalarizer:famo", "scalarizer:uw"]
     assert len(groups[("iwrm_with_q_halt_in", "scalarizer:famo")]) == 2
+
+
+def test_archived_runs_with_gzipped_metrics_read_the_same(sweep: Path, tmp_path: Path) -> None:
+    import gzip
+    import shutil
+
+    source = sweep / "sweep" / "upgrad-s0"
+    archived = tmp_path / "archive" / "upgrad-s0"
+    shutil.copytree(source, archived, ignore=shutil.ignore_patterns("wandb", "metrics.jsonl"))
+    (archived / "metrics.jsonl.gz").write_bytes(gzip.compress((source / "metrics.jsonl").read_bytes()))
+    plain, packed = load_run_dir(source), load_runs([tmp_path / "archive"], progress=False)[0]
+    for key in ("eval/exact_accuracy", "jd/gd_similarity", "train/lm_loss"):
+        assert np.array_equal(plain.metrics.series(key)[1], packed.metrics.series(key)[1])
+    (archived / "metrics.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(RunLoadError, match="not a readable gzip file"):
+        load_run_dir(archived)
