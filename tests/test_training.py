@@ -281,3 +281,14 @@ def test_eval_steps_add_early_evaluations(sudoku_data: Path, tmp_path: Path) -> 
     assert [r["step"] for r in records if "eval/exact_accuracy" in r] == [2, 5]  # the early one, then the final one
     assert compose(tiny_overrides(sudoku_data, tmp_path)).eval_steps == [150]  # the demo's default
     assert compose([*tiny_overrides(sudoku_data, tmp_path), "experiment=maze"]).eval_steps == []
+
+
+def test_online_wandb_without_a_login_is_one_line(sudoku_data: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "pretrain.py", f"data_paths=[{sudoku_data}]", "wandb.mode=online",
+                             f"runs_root={tmp_path / 'runs'}", "device=cpu"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: wandb.mode=online needs a W&B login"), result.stderr

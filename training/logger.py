@@ -55,9 +55,9 @@ def check_wandb_config(wandb_config: WandbConfig) -> None:
     """Fail fast (before compute) when online mode is asked for without credentials."""
     if wandb_config.mode != "online":
         return
-    import wandb
+    from analysis.wandb_source import find_wandb_credentials  # env and netrc only: no wandb import, no warnings
 
-    if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+    if find_wandb_credentials() is None:
         raise ConfigError("wandb.mode=online needs a W&B login (wandb login or WANDB_API_KEY); use wandb.mode=offline to log locally")
 
 
