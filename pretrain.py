@@ -28,11 +28,23 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
-import hydra
+
+def _stopped_while_importing(signum: int, _frame: FrameType | None) -> None:
+    os.write(2, f"\n{signal.Signals(signum).name} received while starting: stopped (no step was trained, no checkpoint written)\n".encode())
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # before the heavy imports (torch, hydra: seconds), so that a signal then is not silent
+    for _signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signal, _stopped_while_importing)
+
+import hydra  # noqa: E402 - after the signal handlers above
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -198,9 +210,11 @@ def execute(config_factory: Callable[[], TrainConfig], argv: list[str], outcome:
 def hydra_main(raw: DictConfig) -> float:
     """Hydra's own command line (``--multirun``, sweepers, ``--cfg``, ``--help`` and other flags).
 
-    Returns the run's ``objective`` (what a sweeper such as Optuna's optimises). In a multirun a failed
-    run returns NaN (its error line is printed) so that the sweep goes on; a single run exits with
-    its status."""
+    Returns the run's ``objective`` (what a sweeper such as Optuna's optimises). In a multirun a run that
+    failed or never evaluated its objective returns the worst value, ``-inf`` (``+inf`` when the sweeper
+    minimises), its error line printed, so that the sweep goes on: a NaN would stop the whole sweep
+    (hydra-optuna-sweeper 1.3 with Optuna 2.10 tells a failed trial twice and raises). A single run
+    exits with its status."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -212,9 +226,15 @@ def hydra_main(raw: DictConfig) -> float:
 
     outcome: dict = {}
     status = execute(config_factory, overrides, outcome)
-    if status and HydraConfig.get().mode != RunMode.MULTIRUN:
+    hydra_config = HydraConfig.get()
+    if status and hydra_config.mode != RunMode.MULTIRUN:
         sys.exit(status)
-    return outcome["objective"]
+    value = outcome["objective"]
+    if value != value:  # NaN: the worst value for the sweeper's direction instead
+        minimising = str(hydra_config.sweeper.get("direction", "maximize")).lower().endswith("minimize")
+        value = float("inf") if minimising else float("-inf")
+        report(f"note: this trial returns {value} to the sweeper (the worst value: it failed or did not evaluate its objective)")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from analysis.runs import (DEFAULT_GROUP_BY, FINISHED, AnalysisError, Run, group
                            label_sort_key, load_runs)
 from analysis.stats import CONFIDENCE, Difference, difference, mean_interval
 from analysis.wandb_source import WandbUnavailableError, create_wandb_report, parse_wandb_source
+from training.numerics import numerics_differences
 
 SUMMARY_MARKDOWN = "summary.md"
 SUMMARY_CSV = "summary.csv"
@@ -368,6 +369,14 @@ def warn_repeated_seeds(summaries: Sequence[GroupSummary], group_by: Sequence[st
                   f"{', '.join(repeated)}; they are averaged as if independent", file=sys.stderr)
 
 
+def warn_numerics(runs: Sequence[Run]) -> None:
+    """Warn when the runs differ in what changes numbers besides their config (threads, device, dtype, versions)."""
+    differences = numerics_differences([run.config.get("numerics") for run in runs])
+    if differences:
+        print(f"warning: the compared runs differ in what changes their numbers besides the config ({'; '.join(differences)}); "
+              "a difference between groups may partly be theirs")
+
+
 def warn_unfinished(summaries: Sequence[GroupSummary], group_by: Sequence[str]) -> None:
     """Say on stderr when a group averages runs that did not finish (stopped, failed, still running)."""
     for summary in summaries:
@@ -394,6 +403,7 @@ def compare(runs: Sequence[Run], out_dir: Path, *, group_by: Sequence[str] = DEF
     comparisons = [] if base is None else compare_to_baseline(summaries, base, statistics)
     warn_repeated_seeds(summaries, group_by)
     warn_unfinished(summaries, group_by)
+    warn_numerics(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown_path, csv_path, differences_path, png_path, svg_path = paths[:5]
     markdown_path.write_text(to_markdown(summaries, runs, group_by, statistics, comparisons, base), encoding="utf-8")

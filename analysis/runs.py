@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import zlib
 import json
 import math
 import os
@@ -288,13 +289,15 @@ def read_metrics_file(path: Path) -> MetricTable:
     that is not a JSON object with an integer ``step`` is an error naming the file and line.
     """
     records = []
-    if path.suffix == ".gz":
-        try:
+    try:
+        if path.suffix == ".gz":
             text = gzip.decompress(path.read_bytes()).decode("utf-8")
-        except (OSError, EOFError) as error:
-            raise RunLoadError(f"{path}: not a readable gzip file ({error})") from None
-    else:
-        text = path.read_text(encoding="utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise RunLoadError(f"{path}: not a readable {'gzip' if path.suffix == '.gz' else 'metrics'} file ({error})") from None
+    except UnicodeDecodeError as error:
+        raise RunLoadError(f"{path}: not UTF-8 text at byte {error.start} (a corrupted file?); metrics files are JSON lines") from None
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():

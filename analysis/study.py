@@ -119,6 +119,8 @@ SUDOKU4X4 = Recipe(
             "per-cell losses in 10 random buckets, UPGrad"),
         Arm("stack_supervisions_upgrad", ("jd.split=stack_supervisions", "jd.supervision_loop=same_batch"),
             "one objective per supervision step (the JD study's loop, 4 steps on one batch), UPGrad"),
+        Arm("stack_supervisions_sum", ("jd.split=stack_supervisions_and_sum", "jd.supervision_loop=same_batch"),
+            "the control of the stack arm: GD on the same loop (the 4 steps' losses summed, one backward)"),
         Arm("iwrm_mgda", (_IWRM, "jd.aggregator=mgda"), "one objective per puzzle, aggregated by MGDA"),
         Arm("iwrm_uw", (_IWRM, "jd.scalarizer=uw"), "one objective per puzzle, weighted by uncertainty weighting"),
         Arm("iwrm_famo", (_IWRM, "jd.scalarizer=famo"), "one objective per puzzle, weighted by FAMO"),
@@ -221,13 +223,16 @@ def write_report(out_dir: Path, recipe: Recipe) -> list[Path]:
 
 
 def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:  # an empty list would mean "all" downstream: never what was typed
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return names
 
 
 def _seeds(text: str) -> list[int]:
     try:
         return [int(part) for part in _names(text)]
-    except ValueError:
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds, got {text!r}") from None
 
 
@@ -258,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     recipe = RECIPES[args.recipe]
     try:
+        if args.out.exists() and not args.out.is_dir():
+            raise AnalysisError(f"--out {args.out} is a file; give a folder (the study's runs/, data/ and report/ go there)")
         for item in args.extra:
             if "=" not in item:
                 raise AnalysisError(f"--set expects KEY=VALUE, got {item!r}")

@@ -241,16 +241,23 @@ class PuzzleDataset:
     # Train mode
     # ------------------------------------------------------------------------------------------
 
-    def set_puzzle_weights(self, identifier_weights: np.ndarray | None) -> None:
+    def set_puzzle_weights(self, identifier_weights: np.ndarray | None, by_puzzle_index: bool = False) -> None:
         """Pick each group's puzzle with probability proportional to the weight of its identifier from now
-        on (``None``: uniformly again); the draws stay those of ``(seed, iteration)``. Hard-example sampling."""
+        on (``None``: uniformly again); the draws stay those of ``(seed, iteration)``. Hard-example sampling.
+        ``by_puzzle_index`` reproduces the JD study's lookup: puzzle ``p`` gets the weight of identifier ``p``
+        (1 past the table's end)."""
         self._plan_cache = None
         if identifier_weights is None:
             self._cumulative_weights = None
             return
         if len(identifier_weights) != len(self.identifiers):
             raise ValueError(f"{len(identifier_weights)} identifier weights for {len(self.identifiers)} identifiers")
-        weights = np.clip(np.asarray(identifier_weights, dtype=np.float64)[self._puzzle_identifiers], 0.0, None)
+        table = np.asarray(identifier_weights, dtype=np.float64)
+        if by_puzzle_index:
+            index = np.arange(len(self._puzzle_identifiers))
+            weights = np.where(index < len(table), table[np.minimum(index, len(table) - 1)], 1.0).clip(0.0, None)
+        else:
+            weights = np.clip(table[self._puzzle_identifiers], 0.0, None)
         self._cumulative_weights = np.concatenate([[0.0], np.cumsum(weights)])
 
     def puzzle_weights(self) -> np.ndarray:

@@ -26,6 +26,8 @@ from training.reference_checkpoint import write_reference_checkpoint
 
 def export(checkpoint: str, out_dir: str, *, use_ema: bool | None = None, compiled: bool = True) -> Path:
     """Write ``checkpoint`` (a run or checkpoint of this toolkit) in the reference format; return ``step_N``'s path."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise EvalInputError(f"{out_dir} is a file; give a folder for step_N and all_config.yaml")
     path, state, config, sizes = read_checkpoint(checkpoint)
     if "format" not in state:
         raise EvalInputError(f"{path} is already a reference checkpoint; nothing to export")

@@ -41,7 +41,7 @@ def describe() -> str:
               f"jd.internal_loss (internal-cycle stacks): {', '.join(INTERNAL_LOSSES)} (default {INTERNAL_LOSSES[0]}, the JD study's)",
               f"jd.distributed: {', '.join(get_args(JDConfig.model_fields['distributed'].annotation))}"]
     config = Path(__file__).resolve().parents[1] / "config"
-    for group in ("experiment", "arch"):
+    for group in ("experiment", "compat", "arch"):
         names = sorted(p.stem for p in (config / group).glob("*.yaml"))
         lines.append(f"{group}= (config/{group}/): {', '.join(names)}")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ Notes on a few names:
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -90,7 +91,9 @@ def aggregator_names() -> list[str]:
 
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown jd.aggregator {name!r}; accepted: {', '.join(aggregator_names())}")
+        close = difflib.get_close_matches(str(name), aggregator_names(), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unknown jd.aggregator {name!r}{hint}; accepted: {', '.join(aggregator_names())}")
     return _REGISTRY[name]
 
 

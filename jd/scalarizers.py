@@ -27,6 +27,7 @@ Example (UW at its start, log-variances 0: weights ``e^{-s} / 2``, log-variance 
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -78,7 +79,9 @@ def accepted_arguments(name: str) -> tuple[list[str], list[str]]:
 def validate_scalarizer(name: str, kwargs: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the accepted values for an unknown name, argument or a missing one."""
     if name not in SCALARIZERS:
-        raise ValueError(f"unknown jd.scalarizer {name!r}; accepted: {', '.join(scalarizer_names())}")
+        close = difflib.get_close_matches(str(name), scalarizer_names(), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unknown jd.scalarizer {name!r}{hint}; accepted: {', '.join(scalarizer_names())}")
     required, optional = accepted_arguments(name)
     unknown = sorted(set(kwargs) - set(required) - set(optional))
     if unknown:

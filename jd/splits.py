@@ -29,7 +29,7 @@ The stacks have two semantics each, chosen by :class:`SplitOptions` (``jd.*``), 
 
 * Supervision stacks, ``jd.supervision_loop``. ``same_batch`` (the study): one optimizer step takes ONE
   batch and runs supervision steps on it, a fresh ACT carry, until every sample has halted (at most
-  ``K_max = min(jd.max_supervisions, arch.halt_max_steps)``), so ``K`` is the number of steps run;
+  ``K_max = min(jd.max_supervisions, arch.halt_max_steps)``; ``jd.max_supervisions=null``: ``h``, the study's), so ``K`` is the number of steps run;
   objective ``k`` holds step ``k``'s LM loss divided by ``arch.halt_max_steps`` (``h``) and no halting
   term. ``carry``: ``K = K_max`` steps, each reading the next batch into the ACT carry like GD does;
   objectives hold each step's whole GD loss (LM and halting), undivided, so they partition it.
@@ -329,7 +329,7 @@ class SplitSpec:
     """
 
     name: str
-    max_supervisions: int = 4
+    max_supervisions: int | None = 4
     options: SplitOptions = SplitOptions()
 
     @property
@@ -376,8 +376,11 @@ class SplitSpec:
 
     def supervision_steps(self, halt_max_steps: int) -> int:
         """ACT steps the trainer runs (at most, in the ``same_batch`` loop), graphs kept, before one
-        optimizer step: ``min(max_supervisions, halt_max_steps)`` for a supervision stack, 1 otherwise."""
-        return min(self.max_supervisions, halt_max_steps) if self.is_supervision_stack else 1
+        optimizer step: ``min(max_supervisions, halt_max_steps)`` for a supervision stack (``halt_max_steps`` when
+        ``max_supervisions`` is ``None``), 1 otherwise."""
+        if not self.is_supervision_stack:
+            return 1
+        return halt_max_steps if self.max_supervisions is None else min(self.max_supervisions, halt_max_steps)
 
     def batches_per_step(self, halt_max_steps: int) -> int:
         """Global batches one optimizer step reads: one per supervision step with the ACT carry, one in
@@ -426,7 +429,7 @@ class SplitSpec:
 def get_split(
     name: str,
     *,
-    max_supervisions: int = 4,
+    max_supervisions: int | None = 4,
     intermediate_loss_weight: float = 1.0,
     internal_loss: str = "differential",
     supervision_loop: str = "same_batch",
@@ -489,6 +492,8 @@ def validate_split(
     no_ACT_continue: bool,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    no_act: bool = False,
+    puzzle_rows_only: bool = False,
 ) -> None:
     """Check ``jd.split`` (and ``jd.n_groups`` where ``m`` is known) against the architecture, before any compute.
 
@@ -501,6 +506,18 @@ def validate_split(
     """
     del no_ACT_continue  # the halting term folds Q-continue in either way
     spec = split_from_config(config, halt_max_steps)
+    if no_act and spec.needs_halting_objective and spec.name != "lm_loss_vs_q_halt_loss":
+        raise ValueError(
+            f"jd.split={spec.name} makes each halting loss an objective, but arch.no_act=true has no Q-head and no halting "
+            "loss (the JD study's own code raises 'RuntimeError: zero-dimensional tensor ... cannot be concatenated' here); "
+            "use a *_q_halt_in split or arch.no_act=false"
+        )
+    if puzzle_rows_only and spec.name == "iwrm_with_q_halt_in" and config.scalarizer is None and config.aggregator_name in ("upgrad", "dualproj"):
+        raise ValueError(
+            f"freeze_weights=true with jd.frozen_weights=left_out, jd.split=iwrm_with_q_halt_in and jd.aggregator={config.aggregator_name} "
+            "is gradient descent by construction: each objective then depends on its own sample's puzzle row only, so the "
+            "gradients never conflict and the projection leaves their mean; use jd.frozen_weights=in_jacobian (the JD study)"
+        )
     if spec.needs_halting_objective and halt_max_steps == 1:
         raise ValueError(
             f"jd.split={spec.name} makes the halting loss an objective, but halting is off (arch.halt_max_steps=1); "

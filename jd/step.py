@@ -8,7 +8,8 @@ optimizer step; nothing else in the trainer knows which engine ran.
 * Any other split: the objectives ``[m]`` of the split (bucketed when ``jd.n_groups`` is set) are
   differentiated, the Jacobian is aggregated, and the result **multiplied by m** is accumulated
   into ``.grad``: with the ``mean`` aggregator this is exactly the GD gradient of the objectives'
-  sum (the GD loss for the splits that partition it).
+  sum (the GD loss for the splits that partition it). ``jd.update_scale=one`` (the JD study) leaves
+  out the factor ``m``.
 
 Engines (``jd.engine``; ``auto`` picks ``per_sample`` for the per-instance splits where it applies,
 else ``gramian`` for a Gramian-weighted aggregator, else ``autojac``):
@@ -53,6 +54,8 @@ Distributed (``world_size > 1``):
   across ranks (what the study did); ``global`` gathers the per-instance Jacobians of every rank
   and aggregates the exact global Jacobian (``m`` = the global count) like the shared case: exact,
   but it moves ``m x n`` numbers per rank.
+* ``jd.distributed=rank_local`` (the JD study's code): every split, shared ones included, is aggregated
+  on each rank's own Jacobian and ``finish`` sums the results, as the study's all-reduce did.
 
 Non-finite objectives, Gramian or update: the micro-batch adds nothing to ``.grad``, the step
 counts it (:attr:`JDStep.skipped_nonfinite`, metric ``jd/skipped_nonfinite``).
@@ -140,7 +143,9 @@ class JDStep:
         validate_aggregator(config.aggregator_name, config.aggregator_kwargs)
         probe = build_aggregator(config.aggregator_name, config.aggregator_kwargs, num_objectives=2)
         gramian_capable = gramian_weighting(probe) is not None
-        per_sample_ok = split.name in PER_SAMPLE_SPLITS and gramian_capable and not self.exact_global
+        # (a puzzle-row leaf shared by a stack's forwards is not per step: the per-sample channels cannot split it)
+        shared_rows = config.puzzle_rows == "shared_in_stack" and split.is_supervision_stack
+        per_sample_ok = split.name in PER_SAMPLE_SPLITS and gramian_capable and not self.exact_global and not shared_rows
         if config.engine == "auto":  # per-sample gradients pay off where the objectives are per instance
             self.engine = "per_sample" if per_sample_ok and split.per_instance else "gramian" if gramian_capable else "autojac"
         else:
@@ -173,8 +178,11 @@ class JDStep:
 
     @property
     def exact_global(self) -> bool:
-        """Several ranks aggregate one global Jacobian (shared splits, or ``jd.distributed=global``)."""
-        return self.world_size > 1 and (not self.split.per_instance or self.config.distributed == "global")
+        """Several ranks aggregate one global Jacobian (shared splits, or ``jd.distributed=global``; never with
+        ``rank_local``, the JD study's rule: each rank aggregates its own Jacobian and the results are summed)."""
+        if self.world_size == 1 or self.config.distributed == "rank_local":
+            return False
+        return not self.split.per_instance or self.config.distributed == "global"
 
     def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[Any]:
         """Wrap the forwards (and the :meth:`backward`) of one micro-batch: with ``jd.engine=per_sample``
@@ -299,7 +307,39 @@ class JDStep:
         scalarizer = self.build_scalarizer(m, device)
         if scalarizer is not None and scalarizer.updates_after_step and grad_accum_steps > 1:
             raise ValueError(f"jd.scalarizer={self.config.scalarizer} updates from the step's batch recomputed after the step; use grad_accum_steps=1")
+        if scalarizer is not None and m is not None:
+            self._probe("scalarizer", m, lambda: scalarizer.module(torch.rand(m, device=device) + 0.5))
+        if self.engine not in ("gd", "scalarizer"):
+            local = self.split.num_objectives(batch_size=batch_size, seq_len=seq_len, H_cycles=H_cycles,
+                                              supervision_steps=self.split.supervision_steps(halt_max_steps))
+            local = min(local, self.config.n_groups or local)
+            self._check_aggregator_size(m if self.exact_global else local)
         return self.cost_note(m)
+
+    def _check_aggregator_size(self, m: int | None) -> None:
+        """The aggregator on ``m`` objectives (the most a step gives), tried before training: kwargs sized for
+        another ``m`` and aggregators that need more objectives (krum, trimmed_mean) fail here, not at step 1."""
+        name, kwargs = self.config.aggregator_name, self.config.aggregator_kwargs
+        if m is None:
+            return
+        expected = expected_num_objectives(name, kwargs)
+        if expected is not None and expected != m:
+            raise ValueError(f"jd.aggregator_kwargs of {name} are sized for {expected} objectives, but jd.split={self.split.name} gives m={m}")
+        if m <= 512 and name not in ("upgrad", "dualproj"):  # their programs take any m; a probe of a large m costs
+            generator = torch.Generator().manual_seed(0)
+            jacobian = torch.randn(m, 4, generator=generator)
+            self._probe("aggregator", m, lambda: build_aggregator(name, kwargs, num_objectives=m)(jacobian))
+
+    def _probe(self, what: str, m: int, attempt: Any) -> None:
+        """Run ``attempt`` (a throw-away aggregation) with torch's RNG left as it was; its error names ``m``."""
+        state = torch.get_rng_state()
+        try:
+            attempt()
+        except (ValueError, RuntimeError, IndexError) as error:
+            name = self.config.aggregator_name if what == "aggregator" else self.config.scalarizer
+            raise ValueError(f"jd.{what}={name} cannot combine jd.split={self.split.name}'s m={m} objectives: {error}") from None
+        finally:
+            torch.set_rng_state(state)
 
     def cost_note(self, m: int | None) -> str | None:
         """A warning for the user when ``m`` objectives make a step cost many backward passes or a large
@@ -335,10 +375,12 @@ class JDStep:
         if update.param_grads is None:
             self._skipped += 1
             return {"jd/skipped_nonfinite": float(self._skipped), "jd/num_objectives": float(update.num_objectives)}
+        # The engines return m * J^T w; jd.update_scale=one (the JD study) takes J^T w as the aggregator gives it.
+        unscale = 1.0 / update.num_objectives if self.config.update_scale == "one" else 1.0
         for tensor, grad in zip(params, update.param_grads):
-            accumulate_grad(tensor, grad)
+            accumulate_grad(tensor, grad * unscale if unscale != 1.0 else grad)
         for tensor, grad in zip(rows, update.row_grads or []):
-            accumulate_grad(tensor, grad)
+            accumulate_grad(tensor, grad * unscale if unscale != 1.0 else grad)
         metrics = self._diagnostics(update)
         metrics["jd/skipped_nonfinite"] = float(self._skipped)
         metrics["jd/num_objectives"] = float(update.num_objectives)

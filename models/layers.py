@@ -186,7 +186,9 @@ class Block(nn.Module):
 
     ``mix`` is self-attention, or with ``mlp_t`` a SwiGLU applied along the sequence (token mixing
     with an MLP, as in the TRM paper's Sudoku variant), whose residual is normalised over the
-    positions, as the reference does.
+    positions, as the reference does. Dropout (``p = dropout``) applies to each ``mix`` / ``mlp`` output
+    before its residual (``block_output=False``) or once to the block's output (``block_output=True``, the
+    JD study's ``trmjd``).
     """
 
     def __init__(
@@ -198,11 +200,13 @@ class Block(nn.Module):
         mlp_t: bool = False,
         dropout: float = 0.0,
         norm_eps: float = 1e-5,
+        block_output_dropout: bool = False,
     ) -> None:
         super().__init__()
         self.uses_mlp_t = mlp_t
         self.norm_eps = norm_eps
-        self.dropout = dropout
+        self.dropout = 0.0 if block_output_dropout else dropout
+        self.output_dropout = dropout if block_output_dropout else 0.0
         if mlp_t:
             self.mlp_t = SwiGLU(seq_len, expansion)
         else:
@@ -218,6 +222,8 @@ class Block(nn.Module):
         else:
             hidden = rms_norm(hidden + F.dropout(self.self_attn(hidden, rotary), self.dropout, self.training), self.norm_eps)
         hidden = rms_norm(hidden + F.dropout(self.mlp(hidden), self.dropout, self.training), self.norm_eps)
+        if self.output_dropout:
+            hidden = F.dropout(hidden, self.output_dropout, self.training)
         return hidden
 
 

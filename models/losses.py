@@ -63,17 +63,20 @@ class ACTLossHead(nn.Module):
     ``count``, ``accuracy``, ``exact_accuracy``, ``q_halt_accuracy``, ``steps``, ``lm_loss``, ``q_halt_loss``.
     """
 
-    def __init__(self, model: ACTModel, loss_type: str = "stablemax_cross_entropy", differential_loss: bool = False) -> None:
+    def __init__(
+        self, model: ACTModel, loss_type: str = "stablemax_cross_entropy", differential_loss: bool = False, differential_across_samples: bool = False
+    ) -> None:
         super().__init__()
         if loss_type not in LOSS_FUNCTIONS:
             raise ValueError(f"unknown loss_type {loss_type!r}; accepted: {sorted(LOSS_FUNCTIONS)}")
         self.model = model
         self.loss_fn = LOSS_FUNCTIONS[loss_type]
         self.differential_loss = differential_loss
+        self.differential_across_samples = differential_across_samples
 
     def initial_carry(self, batch: dict[str, Tensor]) -> ACTCarry:
         carry = self.model.initial_carry(batch)
-        return self.model.enable_differential_loss(carry) if self.differential_loss else carry
+        return self.model.enable_differential_loss(carry, self.differential_across_samples) if self.differential_loss else carry
 
     def forward(
         self,
@@ -121,7 +124,10 @@ class ACTLossHead(nn.Module):
             return self.loss_fn(step_logits, labels, IGNORE_LABEL_ID) / divisor * scale
 
         lm = lm_terms(logits)
-        q_halt = F.binary_cross_entropy_with_logits(q_halt_logits, exact.to(q_halt_logits.dtype), reduction="none") * scale
+        if self.model.config.no_act:  # the JD study's trmjd: no Q-head, no halting loss
+            q_halt = torch.zeros_like(q_halt_logits)
+        else:
+            q_halt = F.binary_cross_entropy_with_logits(q_halt_logits, exact.to(q_halt_logits.dtype), reduction="none") * scale
         q_continue = None
         if "target_q_continue" in outputs:
             q_continue = (

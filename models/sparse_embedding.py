@@ -8,6 +8,9 @@ their gradients back into the table.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -31,13 +34,33 @@ class SparsePuzzleEmbedding(nn.Module):
             weights.normal_(std=init_std)
         self.register_buffer("weights", weights, persistent=True)
         self._pending: list[tuple[Tensor, Tensor]] = []
+        self._sharing = False
 
     def forward(self, ids: Tensor) -> Tensor:
         if not self.training or not torch.is_grad_enabled():
             return self.weights[ids].to(self.cast_to)
+        if self._sharing and self._pending and torch.equal(self._pending[-1][0], ids):
+            return self._pending[-1][1].to(self.cast_to)  # the same leaf as the previous forward (share_rows)
         rows = self.weights[ids].detach().clone().requires_grad_(True)
         self._pending.append((ids.detach(), rows))
         return rows.to(self.cast_to)
+
+    @contextlib.contextmanager
+    def share_rows(self, enabled: bool = True) -> Iterator[None]:
+        """Within this block, a forward on the same ids as the previous one reuses its leaf, so the rows are
+        one Jacobian column block for all those forwards (the JD study's supervision stacks), not one per forward.
+
+        >>> emb = SparsePuzzleEmbedding(num_embeddings=10, embedding_dim=4, cast_to=torch.float32)
+        >>> with emb.share_rows():
+        ...     _ = emb(torch.tensor([3, 7])), emb(torch.tensor([3, 7]))
+        >>> len(emb.pending_rows())
+        1
+        """
+        previous, self._sharing = self._sharing, enabled
+        try:
+            yield
+        finally:
+            self._sharing = previous
 
     def pending_rows(self) -> list[tuple[Tensor, Tensor]]:
         """``(ids, rows)`` leaves of every training forward since the last :meth:`clear_pending`."""

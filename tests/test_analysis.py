@@ -397,3 +397,11 @@ def test_archived_runs_with_gzipped_metrics_read_the_same(sweep: Path, tmp_path:
     (archived / "metrics.jsonl.gz").write_bytes(b"not gzip")
     with pytest.raises(RunLoadError, match="not a readable gzip file"):
         load_run_dir(archived)
+    packed_bytes = gzip.compress((source / "metrics.jsonl").read_bytes())
+    (archived / "metrics.jsonl.gz").write_bytes(packed_bytes[:20] + bytes(40) + packed_bytes[60:])  # a corrupt deflate stream
+    with pytest.raises(RunLoadError, match="not a readable gzip file"):
+        load_run_dir(archived)
+    (archived / "metrics.jsonl.gz").unlink()
+    (archived / "metrics.jsonl").write_bytes(b'{"step": 1, "train/lm_loss": 1.0}\n\xff\xfe\n')
+    with pytest.raises(RunLoadError, match="not UTF-8"):
+        load_run_dir(archived)

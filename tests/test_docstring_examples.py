@@ -16,6 +16,10 @@ MODULES_WITH_EXAMPLES = [
     "models.per_sample",
     "models.registry",
     "models.sparse_embedding",
+    "training.hard_sampling",
+    "training.numerics",
+    "training.run_lock",
+    "training.threads",
 ]
 
 

@@ -74,7 +74,7 @@ def test_weights_from_the_gramian_reproduce_the_aggregation() -> None:
 
 
 def test_unknown_names_and_kwargs_are_clear_errors() -> None:
-    with pytest.raises(ValueError, match=r"unknown jd.aggregator 'upgrade'; accepted: .*mgda.*upgrad"):
+    with pytest.raises(ValueError, match=r"unknown jd.aggregator 'upgrade' \(did you mean upgrad\?\); accepted: .*mgda.*upgrad"):
         build_aggregator("upgrade")
     with pytest.raises(ValueError, match=r"unknown jd.aggregator_kwargs \['pref'\]; accepted: \['pref_vector', 'projector'\]"):
         build_aggregator("upgrad", {"pref": [1.0]})

@@ -37,12 +37,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "mixed_global_jacobian_aggregator": {"split": "pixelwise_q_halt_out", "distributed": "global", "aggregator": "config"},
     "iwrm_global_rows_out": {"split": "iwrm_with_q_halt_in", "distributed": "global", "include_puzzle_embedding": False},
     "iwrm_local": {"split": "iwrm_with_q_halt_in", "distributed": "local"},
+    "pixel_rank_local": {"split": "pixelwise_q_halt_in", "distributed": "rank_local"},  # the JD study's rule for shared splits
     # Loss-weighting baselines: the scalarizer at the global values, one backward; equal to one process.
     "scalarizer_famo_iwrm": {"split": "iwrm_with_q_halt_in", "scalarizer": "famo"},
     "scalarizer_uw_mixed": {"split": "pixelwise_q_halt_out", "scalarizer": "uw"},
     "scalarizer_geometric_mean_shared": {"split": "lm_loss_vs_q_halt_loss", "scalarizer": "geometric_mean"},
 }
-GLOBAL_SEMANTICS = [name for name in SCENARIOS if name != "iwrm_local"]
+LOCAL_SEMANTICS = ("iwrm_local", "pixel_rank_local")
+GLOBAL_SEMANTICS = [name for name in SCENARIOS if name not in LOCAL_SEMANTICS]
 
 
 def _run(config: JDConfig, batch_part: slice, *, world_size: int) -> dict[str, Any]:
@@ -122,16 +124,18 @@ def test_global_semantics_equal_the_one_process_run(two_ranks: list[dict[str, An
 
 
 @pytest.mark.slow
-def test_iwrm_local_mode_sums_each_rank_s_own_aggregation(two_ranks: list[dict[str, Any]]) -> None:
-    config = JDConfig(**SCENARIOS["iwrm_local"])
+@pytest.mark.parametrize("name", LOCAL_SEMANTICS)
+def test_local_modes_sum_each_rank_s_own_aggregation(two_ranks: list[dict[str, Any]], name: str) -> None:
+    """Per-instance splits in ``local`` mode, and every split in ``rank_local`` mode (the JD study's code)."""
+    config = JDConfig(**SCENARIOS[name])
     half = GLOBAL_B // WORLD
     per_rank = [_run(config, slice(r * half, (r + 1) * half), world_size=1) for r in range(WORLD)]
     expected = per_rank[0]["params"] + per_rank[1]["params"]
     for rank, results in enumerate(two_ranks):
-        result = results["iwrm_local"]
+        result = results[name]
         torch.testing.assert_close(result["params"], expected, atol=2e-6, rtol=1e-4)
         torch.testing.assert_close(_rows(result), _rows(per_rank[rank]), atol=2e-6, rtol=1e-4)
-        assert result["metrics"]["jd/num_objectives"] == half  # each rank aggregated its own m = B_local
+        assert result["metrics"]["jd/num_objectives"] == per_rank[rank]["metrics"]["jd/num_objectives"]  # each rank's own m
     exact = _run(config.model_copy(update={"distributed": "global"}), slice(0, GLOBAL_B), world_size=1)
     assert not torch.allclose(expected, exact["params"], atol=1e-6, rtol=1e-4), "local and global should differ here"
 

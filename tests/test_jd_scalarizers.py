@@ -34,7 +34,7 @@ def test_every_scalarizer_of_torchjd_is_reachable_by_name() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"scalarizer": "uwx"}, "unknown jd.scalarizer 'uwx'; accepted: constant, cosmos, dwa, famo"),
+        ({"scalarizer": "uwx"}, r"unknown jd.scalarizer 'uwx' \(did you mean uw\?\); accepted: constant, cosmos, dwa, famo"),
         ({"scalarizer": "famo", "scalarizer_kwargs": {"learning_rate": 1.0}}, r"unknown jd.scalarizer_kwargs \['learning_rate'\]; accepted: \['lr', 'min_losses', 'weight_decay'\]"),
         ({"scalarizer": "stch"}, r"needs jd.scalarizer_kwargs \['mu'\]"),
     ],

@@ -182,7 +182,7 @@ def test_the_jd_forks_trmjd_weights_load(tmp_path: Path) -> None:
     loaded = model_from_checkpoint(path, state, config, sizes, device=torch.device("cpu"))
     raw = read_state(FIXTURE / "checkpoints" / "trmjd_sudoku" / "step_2")
     assert torch.equal(loaded.model.core.L_level.layers[0].mlp.down_proj.weight, raw["model.inner.L_level.layers.0.mlp.down_proj.weight"])
-    assert torch.equal(loaded.model.core.q_head.bias, torch.full((2,), -5.0))  # no_act: the TRM's initial Q-head
+    assert loaded.config.arch.no_act and loaded.model.core.q_head is None  # all_config.yaml says no_act: no Q-head, as there
 
 
 # ----------------------------------------------------------------------------------- fine-tuning, export
@@ -209,6 +209,34 @@ def test_init_from_refuses_a_model_that_does_not_fit(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not fit this model"):
         run(compose(overrides + [f"init_from={FIXTURE / 'checkpoints' / 'trm_mlpt_sudoku'}"]))
     assert not (tmp_path / "sudoku" / "misfit").exists()  # refused before the run directory was made
+
+
+def test_init_from_refuses_non_finite_weights(tmp_path: Path) -> None:
+    state = read_state(FIXTURE / "checkpoints" / "hrm_sudoku" / "step_5")
+    poisoned = tmp_path / "nan" / "step_5"
+    poisoned.parent.mkdir()
+    torch.save({key: torch.full_like(value, float("nan")) if value.is_floating_point() else value for key, value in state.items()}, poisoned)
+    (poisoned.parent / "all_config.yaml").write_text((FIXTURE / "checkpoints" / "hrm_sudoku" / "all_config.yaml").read_text())
+    overrides = tiny_overrides(FIXTURE / "sudoku", tmp_path, global_batch_size=4, max_steps=2, run_name="poisoned")
+    with pytest.raises(CheckpointError, match="non-finite weights"):
+        run(compose(overrides + [f"init_from={poisoned}"]))
+    assert not (tmp_path / "sudoku" / "poisoned").exists()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [("loss", 3, "arch.loss is 3"), ("evaluators", 7, "evaluators is 7")])
+def test_a_malformed_reference_all_config_is_one_error(tmp_path: Path, key: str, value: int, message: str) -> None:
+    import yaml
+
+    source = FIXTURE / "checkpoints" / "hrm_sudoku"
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    config = yaml.safe_load((source / "all_config.yaml").read_text())
+    (config["arch"] if key == "loss" else config)[key] = value
+    (bad / "all_config.yaml").write_text(yaml.safe_dump(config))
+    overrides = tiny_overrides(FIXTURE / "sudoku", tmp_path, global_batch_size=4, max_steps=2, run_name="badcfg")
+    with pytest.raises(CheckpointError, match=message):
+        run(compose(overrides + [f"init_from={bad / 'step_5'}"]))
+    assert evaluate_main([str(bad / "step_5"), "--data", str(FIXTURE / "sudoku"), "--quiet"]) == 2
 
 
 def test_export_and_reimport_round_trip_bit_for_bit(sudoku_data: Path, tmp_path: Path) -> None:

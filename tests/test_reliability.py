@@ -587,3 +587,12 @@ def test_a_signal_while_starting_stops_with_a_word_and_a_second_signal_is_named_
     assert stopped_at_once_status(SystemExit(128 + signal.SIGTERM)) == "stopped by a second SIGTERM, without a new checkpoint"
     assert stopped_at_once_status(KeyboardInterrupt()) == "stopped by a second SIGINT, without a new checkpoint"
     assert stopped_at_once_status(ValueError()) is None
+
+
+def test_a_sigterm_while_importing_is_said_not_silent() -> None:
+    """The signal handlers are installed before pretrain.py's heavy imports (torch, Hydra: seconds)."""
+    process = subprocess.Popen([sys.executable, "pretrain.py", "max_steps=1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # the interpreter is up; torch is still importing
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "SIGTERM received while starting" in err

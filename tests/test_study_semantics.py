@@ -120,7 +120,8 @@ def test_the_same_batch_loop_reads_one_batch_and_stops_when_all_halted(sudoku_da
     assert trainer.batches_per_step == 1 and trainer.supervision_steps == 3
     metrics = trainer.step()
     assert metrics["jd/num_objectives"] == 3 and trainer.progress.batch_in_iteration == 1  # one batch for three steps
-    assert trainer.carries == [None]  # the next step starts fresh on its own batch
+    carry = trainer.carries[0]  # every sample halted: the next step loads its own batch whole (a fresh start)
+    assert carry is not None and bool(carry.halted.all())
     with torch.no_grad():
         trainer.model.core.q_head.bias.fill_(10.0)  # every sample halts at its first step
     metrics = trainer.step()
@@ -269,3 +270,25 @@ def test_an_optuna_search_of_two_trials_runs_to_the_end(sudoku_data: Path, tmp_p
     runs = [p for p in (tmp_path / "sudoku4").iterdir() if (p / "summary.json").is_file()]
     values = sorted(json.loads((p / "summary.json").read_text())["eval"]["eval/exact_accuracy"] for p in runs)
     assert len(runs) == 2 and results["best_value"] == max(values)
+
+
+def test_an_optuna_search_goes_on_past_a_failed_trial(sudoku_data: Path, tmp_path: Path) -> None:
+    """A trial that fails (here an invalid lr) returns the worst value and the search finishes; the data
+    paths can be searched with choice() on the command line."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    args = [sys.executable, str(REPO / "pretrain.py"), "-m", "hydra/sweeper=study_sweep", "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.params={lr: 'choice(-1.0, 1e-3)'}", f"data_paths=choice([{sudoku_data}],[{sudoku_data}])",
+            *[o for o in tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null") if not o.startswith("data_paths=")]]
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    (found,) = (tmp_path / "multirun").glob("*/optimization_results.yaml")
+    results = yaml.safe_load(found.read_text())
+    assert results["best_params"]["lr"] == 1e-3 and 0.0 <= results["best_value"] <= 1.0
+    assert "returns -inf to the sweeper" in result.stdout + result.stderr  # a trial did fail

@@ -1,4 +1,4 @@
-"""CPU thread choice (training/threads.py): quiet machines keep torch's default, busy ones get fewer threads."""
+"""CPU thread choice (training/threads.py): the same count whatever the load; a busy machine gets a suggestion."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ def test_docstring_examples_run() -> None:
     assert doctest.testmod(training.threads).failed == 0
 
 
-def test_busy_machines_get_fewer_threads_and_a_note() -> None:
+def test_the_load_never_changes_the_thread_count_only_the_note() -> None:
     assert choose_threads(None, CPU, default=8, cores=8, load=0.0) == (8, None)
     threads, note = choose_threads(None, CPU, default=8, cores=8, load=5.2)
-    assert threads == 3 and "load 5.2 on 8 cores" in note and "threads=N" in note
-    assert choose_threads(None, CPU, default=2, cores=2, load=9.0)[0] == 1  # never 0
+    assert threads == 8 and "load 5.2 on 8 cores" in note and "threads=3" in note and "other numbers" in note
+    threads, note = choose_threads(None, CPU, default=2, cores=2, load=9.0)
+    assert threads == 2 and "threads=1" in note  # the suggestion is never 0
     shared, note = choose_threads(None, CPU, default=8, cores=8, load=0.0, local_ranks=4)
-    assert shared == 2 and "shared by 4 ranks" in note
+    assert shared == 2 and note is None  # each rank's share of the cores, load or not
+    assert choose_threads(None, CPU, default=8, cores=8, load=7.0, local_ranks=4)[0] == 2
 
 
 def test_the_config_value_and_cuda_keep_their_choice() -> None:

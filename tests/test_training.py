@@ -105,6 +105,28 @@ def test_bad_input_stops_before_training(sudoku_data: Path, tmp_path: Path) -> N
         run(compose(tiny_overrides(sudoku_data, tmp_path, load_checkpoint=bad)))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"jd.aggregator": "upgard"}, "did you mean upgrad"),  # a typo, without a split: never GD in silence
+        ({"jd.aggregator": "mgda"}, "jd.split=none is plain gradient descent"),
+        ({"jd.scalarizer": "famo"}, "jd.split=none is plain gradient descent"),
+        ({"jd.scalarizer": "uww"}, "did you mean uw"),
+        ({"jd.split": "iwrm_with_q_halt_in", "jd.aggregator": "upgard"}, "did you mean upgrad"),  # with a split too
+        # sizes are known before training: checked there, not at step 1 (nothing is left behind)
+        ({"jd.split": "lm_loss_vs_q_halt_loss", "jd.aggregator": "krum", "jd.aggregator_kwargs": "{n_byzantine: 1}"}, "m=2 objectives"),
+        ({"jd.split": "lm_loss_vs_q_halt_loss", "jd.aggregator": "trimmed_mean", "jd.aggregator_kwargs": "{trim_number: 1}"}, "m=2"),
+        ({"jd.split": "lm_loss_vs_q_halt_loss", "jd.aggregator": "constant", "jd.aggregator_kwargs": "{weights: [1, 2, 3]}"}, "sized for 3"),
+        ({"jd.split": "lm_loss_vs_q_halt_loss", "jd.scalarizer": "constant", "jd.scalarizer_kwargs": "{weights: [1, 2, 3]}"}, "m=2"),
+    ],
+)
+def test_a_misspelt_or_unused_method_name_is_refused_before_training(sudoku_data: Path, tmp_path: Path, overrides: dict[str, str],
+                                                                      message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(compose(tiny_overrides(sudoku_data, tmp_path, **overrides)))
+    assert not (tmp_path / "sudoku4").exists()  # nothing was created
+
+
 def test_checkpoint_of_another_model_is_rejected(sudoku_data: Path, tmp_path: Path) -> None:
     summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, run_name="small")))
     with pytest.raises(CheckpointError, match="does not fit"):
@@ -292,3 +314,61 @@ def test_online_wandb_without_a_login_is_one_line(sudoku_data: Path, tmp_path: P
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: wandb.mode=online needs a W&B login"), result.stderr
+
+
+def test_resuming_a_finished_run_repeats_nothing(sudoku_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No second final evaluation in metrics.jsonl, no rewritten checkpoint, the same evaluation in summary.json."""
+    import hashlib
+
+    overrides = tiny_overrides(sudoku_data, tmp_path, max_steps=3, eval_interval="null", run_name="done")
+    first = run(compose(overrides))
+    run_dir = Path(first["run_dir"])
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in list_checkpoints(run_dir)}
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    again = run(compose(overrides + ["resume=true"]))
+    assert "already finished at step 3" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in list_checkpoints(run_dir)} == before
+    assert again["status"] == "finished" and again["eval"] == first["eval"] and again["final_step"] == 3
+
+
+def test_a_run_directory_in_use_is_not_resumed_by_a_second_process(sudoku_data: Path, tmp_path: Path) -> None:
+    """resume=true while another live process holds the run (a Slurm requeue while the old job runs, a command
+    started twice) is refused; once that process is gone (killed: its lock goes with it), the resume works."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="busy")
+    first = run(compose(overrides))
+    run_dir = Path(first["run_dir"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time; from training.run_lock import RunLock; RunLock.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(60)"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        metrics = (run_dir / "metrics.jsonl").read_text()
+        with pytest.raises(RunDirError, match="in use by a training process that is still running"):
+            run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=4, eval_interval="null", run_name="busy") + ["resume=true"]))
+        assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    resumed = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=4, eval_interval="null", run_name="busy") + ["resume=true"]))
+    assert resumed["final_step"] == 4
+
+
+def test_a_run_directory_left_while_starting_is_taken_over_by_the_same_command(sudoku_data: Path, tmp_path: Path) -> None:
+    left = tmp_path / "sudoku4" / "started"
+    (left / "checkpoints").mkdir(parents=True)
+    (left / ".claimed").touch()
+    (left / "metrics.jsonl").touch()
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="started")))
+    assert summary["status"] == "finished" and Path(summary["run_dir"]) == left
+    (left / "metrics.jsonl").write_text("a step\n")
+    with pytest.raises(RunDirError, match="already exists"):  # a directory holding work is never taken over
+        run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="started")))

@@ -44,3 +44,18 @@ def test_evaluation_into_an_unwritable_place_fails_before_it_starts(sudoku_data:
     lines = [line for line in err.err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot write the results into /proc/trm-jd-results")
     assert "Evaluating" not in err.out  # refused before the evaluation
+
+
+def test_an_output_path_that_is_a_file_is_one_error(sudoku_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """evaluators.export and analysis.study name the file instead of a traceback; the file is untouched."""
+    from analysis.study import main as study_main
+    from evaluators.export import main as export_main
+
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="src")))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    capsys.readouterr()
+    assert export_main([summary["run_dir"], str(a_file)]) == 2
+    assert study_main(["--recipe", "sudoku4x4", "--out", str(a_file), "--report-only"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("is a file") == 2 and "Traceback" not in err and a_file.read_text() == "keep me"

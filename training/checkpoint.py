@@ -163,6 +163,10 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Tensor], source: P
             )
         print(f"[checkpoint] puzzle embedding has {old.shape[0]} rows, the dataset needs {own[table_key].shape[0]}: re-initialised from their mean")
         state[table_key] = old.mean(dim=0, keepdim=True).expand_as(own[table_key]).clone()
+    q_head = [key for key in state if key.startswith("core.q_head.") and key not in own]
+    if q_head and not any(key.startswith("core.q_head.") for key in own):
+        print("[checkpoint] its Q-head is not loaded: this model has none (arch.no_act=true, the JD study's trmjd; its loader drops it too)")
+        state = {key: value for key, value in state.items() if key not in q_head}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]

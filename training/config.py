@@ -81,6 +81,11 @@ class TrainConfig(BaseModel):
     ema_rate: float = Field(default=0.999, gt=0, lt=1)
     freeze_weights: bool = Field(default=False, description="train the puzzle embeddings only (the JD study's option)")
     custom_sampling: bool = Field(default=False, description="hard-example sampling within groups (the JD study's rule; on there)")
+    custom_sampling_rule: Literal["halted", "study"] = Field(
+        default="halted",
+        description="halted: count halted samples by their own identifier; study: the JD study's counting over the incoming "
+        "batch and lookup by puzzle index, defects included (README)",
+    )
 
     # Run
     seed: int = Field(default=0, ge=0)

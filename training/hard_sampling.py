@@ -13,6 +13,12 @@ exactly what an uninterrupted one does. Only puzzles with different identifiers 
 ARC augmentations each have one; the Sudoku and Maze builders give every puzzle the blank identifier,
 so there the rule leaves sampling uniform.
 
+``custom_sampling_rule=study`` reproduces the JD study's code, two defects included: each optimizer
+step counts every sample of the *incoming* batch as seen (every position, every step; a supervision
+stack counts its batch once) and credits "correct" to the incoming batch's identifier at the position
+of a sample that halted right, which is another puzzle's sample when the carry replaced it; and the
+weights, keyed by identifier, are looked up by puzzle index when the next iteration draws.
+
 Example:
     >>> sampler = HardExampleSampler(num_identifiers=3, device=torch.device("cpu"), world_size=1)
     >>> sampler.observe(torch.tensor([1, 1, 2]), halted=torch.tensor([True, True, False]), exact=torch.tensor([True, False, True]))
@@ -31,6 +37,9 @@ from torch import Tensor
 
 from dataset.puzzle_dataset import PuzzleDataset
 
+SAMPLING_RULES = ("halted", "study")
+"""``custom_sampling_rule`` values: this toolkit's counting, or the JD study's (module docstring)."""
+
 
 class HardExampleSampler:
     """Per-identifier counts of finished and exactly-right training samples, and the weights they give.
@@ -42,7 +51,10 @@ class HardExampleSampler:
             :meth:`end_iteration` together).
     """
 
-    def __init__(self, num_identifiers: int, device: torch.device, world_size: int) -> None:
+    def __init__(self, num_identifiers: int, device: torch.device, world_size: int, rule: str = "halted") -> None:
+        if rule not in SAMPLING_RULES:
+            raise ValueError(f"custom_sampling_rule={rule!r}; accepted: {', '.join(SAMPLING_RULES)}")
+        self.rule = rule
         self.world_size = world_size
         self._pending = torch.zeros(2, num_identifiers, dtype=torch.float64, device=device)  # seen, correct
         self.totals = torch.zeros(2, num_identifiers, dtype=torch.float64)  # over all ranks, synchronised
@@ -53,6 +65,13 @@ class HardExampleSampler:
         ids = identifiers[halted].long()
         self._pending[0].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
         self._pending[1].index_add_(0, ids, exact[halted].to(torch.float64))
+
+    def observe_incoming(self, incoming: Tensor, halted: Tensor, exact: Tensor) -> None:
+        """The study's counting (``rule="study"``): every identifier of the incoming batch seen once, and
+        credited "correct" where the sample at its position halted right, whichever puzzle that sample was."""
+        ids = incoming.long()
+        self._pending[0].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+        self._pending[1].index_add_(0, ids, (halted & exact).to(torch.float64))
 
     def sync(self) -> None:
         """Add every rank's counts since the last call to :attr:`totals` (a collective when distributed)."""
@@ -74,7 +93,7 @@ class HardExampleSampler:
 
     def apply(self, data: PuzzleDataset) -> dict[str, float]:
         """Make ``data`` draw by :meth:`identifier_weights`; return ``train/sampling_weight_min|mean`` over its puzzles."""
-        data.set_puzzle_weights(self.identifier_weights())
+        data.set_puzzle_weights(self.identifier_weights(), by_puzzle_index=self.rule == "study")
         weights = data.puzzle_weights()
         return {"train/sampling_weight_min": float(weights.min()), "train/sampling_weight_mean": float(weights.mean())}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from models.recursive_reasoning.act import ACTModel
@@ -54,6 +55,10 @@ def init_weights_from(model: ACTModel, path: Path, run_config: dict[str, Any]) -
         weights, notes = _with_ema(own["model"], own.get("ema")), []
         checkpoint_arch = (own.get("config") or {}).get("arch", {})
         what = "checkpoint (EMA weights)" if own.get("ema") else "checkpoint"
+    bad = [key for key, value in weights.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(f"init_from: {path} holds non-finite weights (NaN or Inf in {bad[:4]}{' and more' if len(bad) > 4 else ''}); "
+                              "a run from them could not learn: choose an earlier checkpoint")
     load_model_state(model, weights, path)
     differences = [
         f"arch.{key}: {checkpoint_arch[key]!r} -> {run_config['arch'][key]!r}"

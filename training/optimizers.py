@@ -1,9 +1,12 @@
 """The optimizers of one run: Adam-atan2 for the weights, sign-SGD for the sparse puzzle embedding.
 
 ``freeze_weights=true`` (the JD study's option for fine-tuning on new puzzles) trains the puzzle
-embeddings only: every weight has ``requires_grad=False``, so no gradient, no Adam state and no weight
-decay ever touches it (bit-identical after any number of steps), while GD or any JD split still
-differentiates the batch's puzzle-embedding rows.
+embeddings only: no Adam state and no weight decay ever touches a weight (bit-identical after any number
+of steps), while GD or any JD split still differentiates the batch's puzzle-embedding rows. With JD the
+frozen weights stay in the Jacobian by default (``jd.frozen_weights=in_jacobian``, the study's): their
+columns shape the Gramian and so the aggregation weights, and their gradients are then dropped. With
+``left_out`` (and with GD, where it changes nothing) they get ``requires_grad=False`` and the puzzle rows
+alone make the Jacobian.
 """
 
 from __future__ import annotations
@@ -44,15 +47,20 @@ class RunOptimizers:
         puzzle_emb_weight_decay: float,
         world_size: int,
         freeze_weights: bool = False,
+        frozen_in_jacobian: bool = False,
         extra_params: list[Tensor] | None = None,
     ) -> None:
+        self.frozen: list[Tensor] = []  # frozen weights kept in the Jacobian (their gradients are dropped)
         if freeze_weights:
             if model.puzzle_embedding is None:
                 raise ValueError("freeze_weights=true trains the puzzle embeddings only, but arch.puzzle_emb_ndim=0 gives none")
-            for parameter in model.parameters():
-                parameter.requires_grad_(False)
+            if frozen_in_jacobian:
+                self.frozen = [p for p in model.parameters() if p.requires_grad]
+            else:
+                for parameter in model.parameters():
+                    parameter.requires_grad_(False)
         self.lr, self.puzzle_emb_lr = lr, puzzle_emb_lr
-        self.params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
+        self.params: list[Tensor] = [p for p in model.parameters() if p.requires_grad and not freeze_weights]
         self.extra: list[Tensor] = list(extra_params or [])
         self.weights = make_adam_atan2(self.params, lr=lr, betas=betas, weight_decay=weight_decay) if self.params else None
         self.scalarizer = make_adam_atan2(self.extra, lr=lr, betas=betas, weight_decay=0.0) if self.extra else None
@@ -70,10 +78,17 @@ class RunOptimizers:
                     group["lr"] = base * lr_scale
                 optimizer.step()
 
+    @property
+    def jacobian_params(self) -> list[Tensor]:
+        """What the backward differentiates: the trained weights, and the frozen ones kept in the Jacobian."""
+        return self.frozen + self.params
+
     def zero_grad(self) -> None:
         for optimizer in (self.weights, self.scalarizer):
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
+        for parameter in self.frozen:
+            parameter.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         """``optimizer`` (empty when the weights are frozen) and ``sparse_optimizer``, the checkpoint's keys."""

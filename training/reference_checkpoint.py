@@ -46,7 +46,7 @@ EXPORT_ARCHS = {"trm": "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV
 ARCH_FIELDS = (
     "H_cycles", "L_cycles", "H_layers", "L_layers", "hidden_size", "num_heads", "expansion", "puzzle_emb_ndim",
     "puzzle_emb_len", "pos_encodings", "rope_theta", "rms_norm_eps", "mlp_t", "halt_max_steps",
-    "halt_exploration_prob", "no_ACT_continue", "forward_dtype", "dropout",
+    "halt_exploration_prob", "no_ACT_continue", "forward_dtype", "dropout", "no_act",
 )
 """``arch.*`` keys with the same name and meaning in both code bases."""
 TOP_FIELDS = (
@@ -195,6 +195,10 @@ def _read_all_config(path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{config_file}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("arch"), dict):
         raise CheckpointError(f"{config_file}: expected the reference run config (a mapping with 'arch')")
+    if not isinstance(data["arch"].get("loss") or {}, dict):
+        raise CheckpointError(f"{config_file}: arch.loss is {data['arch']['loss']!r}; the reference writes a mapping (name, loss_type)")
+    if not isinstance(data.get("evaluators") or [], list) or not all(isinstance(e, dict) for e in data.get("evaluators") or []):
+        raise CheckpointError(f"{config_file}: evaluators is {data['evaluators']!r}; the reference writes a list of mappings (name: ...)")
     return data
 
 
@@ -297,7 +301,7 @@ def read_reference_checkpoint(
     config, sources, notes = reference_train_config(path, mapped, overrides, data_paths)
     if ignored:
         notes.append(f"reference tensors with no counterpart here, not loaded: {', '.join(ignored)}")
-    if "core.q_head.weight" not in mapped and "embed_tokens.weight" in mapped:
+    if "core.q_head.weight" not in mapped and "embed_tokens.weight" in mapped and not config["arch"].get("no_act", False):
         # The JD fork's no_act variant has no Q-head: give it the TRM's initial one (zero weights, bias -5:
         # never halts before halt_max_steps, which is how that variant ran).
         hidden, dtype = mapped["embed_tokens.weight"].shape[1], mapped["embed_tokens.weight"].dtype
@@ -328,8 +332,11 @@ def reference_all_config(config: dict[str, Any]) -> dict[str, Any]:
     ref_arch: dict[str, Any] = {
         "name": EXPORT_ARCHS[arch["name"]],
         "loss": {"name": "losses@ACTLossHead", "loss_type": arch["loss_type"]},
-        **{key: arch[key] for key in ARCH_FIELDS if key in arch and key not in ("dropout", "puzzle_emb_len", "no_ACT_continue")},
+        **{key: arch[key] for key in ARCH_FIELDS if key in arch and key not in ("dropout", "puzzle_emb_len", "no_ACT_continue", "no_act")},
     }
+    if arch.get("no_act"):  # the JD fork's trmjd: no Q-head, its NoACT loss head
+        ref_arch.update(name="recursive_reasoning.trmjd@TinyRecursiveReasoningModelJD_V1", no_act=True,
+                        loss={"name": "losses@NoACTLossHead", "loss_type": arch["loss_type"], "differential_loss": False})
     ref_arch["forward_dtype"] = "bfloat16" if arch["forward_dtype"] == "auto" else arch["forward_dtype"]
     if arch["name"] == "trm":
         ref_arch["puzzle_emb_len"] = puzzle_emb_len

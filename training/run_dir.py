@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -34,6 +35,7 @@ from training.atomic import atomic_write_text, remove_stale_temp_files
 from training.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint, run_dir_of
 from training.config import ConfigError, TrainConfig
 from training.distributed import DistInfo, ElasticInfo, decide_on_main
+from training.run_lock import LOCK_FILE, RunLock
 
 
 class RunDirError(ValueError):
@@ -90,7 +92,25 @@ def _same_path(a: Path | None, b: Path | None) -> bool:
     return a is not None and b is not None and a.resolve() == b.resolve()
 
 
+def abandoned_at_start(run_dir: Path) -> bool:
+    """Whether ``run_dir`` was claimed by a run that stopped while starting, before its first step: it holds
+    only the claim, the lock, ``config.yaml``, an empty ``metrics.jsonl`` or ``checkpoints/``, W&B's files,
+    and no live process holds it. The same command may then take it over."""
+    if not run_dir.is_dir() or not (run_dir / CLAIM_FILE).is_file() or RunLock.is_held(run_dir):
+        return False
+    for entry in run_dir.iterdir():
+        empty_file = entry.is_file() and entry.stat().st_size == 0
+        if entry.name in (CLAIM_FILE, LOCK_FILE, "config.yaml", "wandb") or (entry.name == "metrics.jsonl" and empty_file):
+            continue
+        if entry.name == "checkpoints" and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        return False
+    return True
+
+
 def _refuse_existing(run_dir: Path | None) -> None:
+    if run_dir is not None and run_dir.exists() and abandoned_at_start(run_dir):
+        return
     if run_dir is not None and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise RunDirError(
             f"run directory {run_dir} already exists; pick another run_name, or continue it with "
@@ -152,11 +172,14 @@ def _claim(run_dir: Path) -> None:
         ) from None
 
 
-def prepare_run_dir(config: TrainConfig, dist_info: DistInfo, plan: RunPlan) -> tuple[Path, str, str]:
+def prepare_run_dir(
+    config: TrainConfig, dist_info: DistInfo, plan: RunPlan, numerics: dict[str, Any] | None = None
+) -> tuple[Path, str, str]:
     """Create the run directory on rank 0 and share it; return ``(run_dir, run_name, project_name)``.
 
-    Writes ``config.yaml`` (atomically; a resumed run whose config differs keeps the original and
-    writes ``config.resume-TIMESTAMP.yaml`` beside it) and removes temporary files of killed writes.
+    Writes ``config.yaml`` with ``numerics`` (what else changes the numbers: :mod:`training.numerics`)
+    (atomically; a resumed run whose config or numerics differ keeps the original and writes
+    ``config.resume-TIMESTAMP.yaml`` beside it) and removes temporary files of killed writes.
     """
 
     def create() -> str:
@@ -169,6 +192,8 @@ def prepare_run_dir(config: TrainConfig, dist_info: DistInfo, plan: RunPlan) -> 
                 run_dir = base.with_name(f"{base.name}-{suffix}")
         elif not plan.continues_run:
             _refuse_existing(run_dir)
+            if abandoned_at_start(run_dir):  # stopped while starting: the same command takes it over
+                (run_dir / CLAIM_FILE).unlink(missing_ok=True)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not plan.continues_run:
@@ -181,7 +206,8 @@ def prepare_run_dir(config: TrainConfig, dist_info: DistInfo, plan: RunPlan) -> 
                                   "and metrics there (fix its permissions, or start a new run from it with run_name=NEW)")
             remove_stale_temp_files(folder)
         config_file = run_dir / "config.yaml"
-        resolved = OmegaConf.to_yaml(OmegaConf.create(config.model_dump(mode="json")))
+        recorded = config.model_dump(mode="json") | ({"numerics": numerics} if numerics else {})
+        resolved = OmegaConf.to_yaml(OmegaConf.create(recorded))
         if not config_file.exists():
             atomic_write_text(config_file, resolved)
         elif config_file.read_text() != resolved:

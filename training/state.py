@@ -90,6 +90,7 @@ def carry_to_dict(carry: ACTCarry) -> dict[str, Any]:
         "halted": carry.halted.cpu(),
         "data": {key: value.cpu() for key, value in carry.data.items()},
         "prev_logits": None if carry.prev_logits is None else carry.prev_logits.cpu(),
+        "prev_logits_across_samples": carry.prev_logits_across_samples,
     }
 
 
@@ -109,4 +110,5 @@ def carry_from_dict(data: dict[str, Any], device: torch.device, latent_dtype: to
         halted=to(data["halted"]),
         data={key: to(value) for key, value in data["data"].items()},
         prev_logits=None if prev is None else to(prev),
+        prev_logits_across_samples=bool(data.get("prev_logits_across_samples", False)),
     )

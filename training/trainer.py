@@ -52,7 +52,7 @@ from models.ema import EMA
 from models.loss_terms import LossTerms
 from models.losses import ACTLossHead
 from models.optimizers import cosine_schedule_with_warmup
-from models.recursive_reasoning.act import ACTCarry
+from models.recursive_reasoning.act import ACTCarry, perturb_latent
 from models.registry import build_model, compile_core
 from training.atomic import atomic_write_text
 from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
@@ -63,10 +63,12 @@ from training.hard_sampling import HardExampleSampler
 from training.init_weights import init_weights_from, resolve_init_from
 from training.interrupt import StopSignals, stopped_at_once_status
 from training.logger import RunLogger, check_wandb_config
+from training.numerics import run_numerics
 from training.optimizers import RunOptimizers
 from training.prefetch import TrainBatches
 from training.scalarizer_schedule import ScalarizerSchedule
-from training.run_dir import RunPlan, plan_run, prepare_run_dir
+from training.run_dir import RunDirError, RunPlan, plan_run, prepare_run_dir
+from training.run_lock import RunInUseError, RunLock
 from training.state import (
     Progress,
     capture_rng,
@@ -106,6 +108,9 @@ class Trainer:
         check_wandb_config(config.wandb)
         # Where the run writes and what it restores: decided first (no side effects), by rank 0 for all.
         self.plan: RunPlan = decide_on_main(dist_info, lambda: plan_run(config, self.elastic))
+        self._lock: RunLock | None = None  # rank 0 holds the run directory until the run ends (training.run_lock)
+        if dist_info.is_main and self.plan.continues_run and self.plan.run_dir is not None and self.plan.run_dir.is_dir():
+            self._lock = _lock_run_dir(self.plan.run_dir)
         init_path = resolve_init_from(config.init_from) if config.init_from and self.plan.checkpoint is None else None
         seed_everything(config.seed + dist_info.rank)
 
@@ -126,6 +131,8 @@ class Trainer:
                 no_ACT_continue=config.arch.no_ACT_continue,
                 batch_size=self.micro_batch,
                 seq_len=meta.seq_len,
+                no_act=config.arch.no_act,
+                puzzle_rows_only=config.freeze_weights and config.jd.frozen_weights == "left_out",
             )
             if config.compile_enabled(dist_info.device.type):
                 config.jd.check_compilable()
@@ -158,7 +165,10 @@ class Trainer:
         # Fine-tuning (init_from): the weights only; every rank reads them, so a bad file fails everywhere at once.
         init_notes = init_weights_from(self.model, init_path, config.model_dump(mode="json")) if init_path is not None else []
         broadcast_module_(self.model, dist_info.world_size)
-        self.loss_head = ACTLossHead(self.model, config.arch.loss_type, differential_loss=config.jd.differential_loss)
+        self.loss_head = ACTLossHead(
+            self.model, config.arch.loss_type, differential_loss=config.jd.differential_loss,
+            differential_across_samples=config.jd.differential_first_step == "replaced_sample",
+        )
         if self.jd_step.engine == "autogram":
             self._check_autogram(meta.seq_len)
         self.jd_step.attach(self.model)  # only jd.engine=autogram hooks the modules
@@ -167,12 +177,17 @@ class Trainer:
                 self.model, lr=config.lr, puzzle_emb_lr=config.puzzle_emb_lr, betas=(config.beta1, config.beta2),
                 weight_decay=config.weight_decay, puzzle_emb_weight_decay=config.puzzle_emb_weight_decay,
                 world_size=dist_info.world_size, freeze_weights=config.freeze_weights,
+                frozen_in_jacobian=config.jd.frozen_weights == "in_jacobian" and not split.is_gd,
                 extra_params=scalarizer.parameters() if scalarizer is not None else None,
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        self.params = self.optimizers.params
-        self.sampler = HardExampleSampler(meta.num_puzzle_identifiers, dist_info.device, dist_info.world_size) if config.custom_sampling else None
+        self.params = self.optimizers.jacobian_params  # what the backward differentiates (frozen weights included)
+        self.sampler = (
+            HardExampleSampler(meta.num_puzzle_identifiers, dist_info.device, dist_info.world_size, rule=config.custom_sampling_rule)
+            if config.custom_sampling
+            else None
+        )
         self._sampling_stats = self.sampler.apply(self.train_data) if self.sampler is not None else {}  # uniform until counted
         self.ema = EMA(self.model, config.ema_rate) if config.ema else None
         if config.compile_enabled(dist_info.device.type):
@@ -198,7 +213,11 @@ class Trainer:
             resume_step = self._restore(self.plan.checkpoint)
         elif self.plan.continues_run:
             resume_step = 0
-        self.run_dir, self.run_name, self.project_name = prepare_run_dir(config, dist_info, self.plan)
+        compiled = config.compile_enabled(dist_info.device.type)
+        self.numerics = run_numerics(dist_info.device, self.model.forward_dtype, compiled, dist_info.world_size)
+        self.run_dir, self.run_name, self.project_name = prepare_run_dir(config, dist_info, self.plan, self.numerics)
+        if dist_info.is_main and self._lock is None:
+            self._lock = _lock_run_dir(self.run_dir)
         if self.plan.note and dist_info.is_main:
             print(f"note: {self.plan.note}", flush=True)
         for note in init_notes if dist_info.is_main else []:
@@ -208,7 +227,7 @@ class Trainer:
         self.logger = (
             RunLogger(
                 self.run_dir,
-                config.model_dump(mode="json"),
+                config.model_dump(mode="json") | {"numerics": self.numerics},
                 config.wandb,
                 self.run_name,
                 self.project_name,
@@ -275,6 +294,8 @@ class Trainer:
                 status = "finished"
                 if self.progress.eval_pending:  # resumed from a checkpoint written just before an evaluation
                     last_eval = self._evaluate_and_log()
+                elif self.plan.checkpoint is not None and self.progress.step >= self.total_steps:
+                    last_eval = self._already_finished()
                 shown_accuracy = float("nan")
                 while self.progress.step < self.total_steps:
                     iteration_before = self.progress.iteration
@@ -332,15 +353,31 @@ class Trainer:
             latest = latest_checkpoint(self.run_dir) if self.dist.is_main else None
             summary["checkpoint"] = None if latest is None else str(latest)
             summary["skipped_nonfinite"] = self.progress.skipped_nonfinite
+            summary["numerics"] = self.numerics
             if self.dist.is_main:
                 try:
                     atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
                 finally:
                     if self.logger is not None:
                         self.logger.close()
+                    if self._lock is not None:
+                        self._lock.release()
         if self.dist.world_size > 1:
             dist.barrier()  # leave together: a rank tearing down its process group early can abort the others
         return summary
+
+    def _already_finished(self) -> dict[str, float]:
+        """A resumed run whose last checkpoint already holds its final step and evaluation: nothing to train,
+        evaluate or write again (the evaluation stays the one logged); returns that evaluation."""
+        self._evaluated_step = self.progress.step
+        if self.dist.is_main:
+            print(f"note: the run already finished at step {self.progress.step} (its final evaluation is logged); "
+                  "nothing to do: raise epochs or max_steps to train further", flush=True)
+        try:
+            previous = json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return dict(previous.get("eval") or {}) if isinstance(previous, dict) else {}
 
     def step(self) -> dict[str, float] | None:
         """Run one optimizer step (or skip it if anything is non-finite) and advance the progress.
@@ -369,26 +406,42 @@ class Trainer:
         supervision stacks) the one batch runs from a fresh carry until every sample has halted."""
         config, split = self.config, self.jd_step.split
         schedule = batches * self.supervision_steps if split.same_batch_loop else batches
-        if split.same_batch_loop:
-            self.carries[micro] = None
-        for batch in schedule:
-            micro_batch = {key: value[rows].to(self.dist.device, non_blocking=True) for key, value in batch.items()}
-            if self.carries[micro] is None:
-                self.carries[micro] = self.loss_head.initial_carry(micro_batch)
-            carry, terms, metrics, outputs, _ = self._supervision_step(self.carries[micro], micro_batch, config.global_batch_size)
-            self.carries[micro] = carry
-            step_terms.append(terms)
-            metrics["sample_steps"] = torch.tensor(float(carry.halted.shape[0]), device=sums.device)
-            sums += torch.stack([metrics[name].float() if name in metrics else sums.new_zeros(()) for name in SUM_METRICS])
-            if self.sampler is not None:
-                self.sampler.observe(carry.data["puzzle_identifiers"], carry.halted, outputs["exact"])
-            if split.same_batch_loop and self._all_halted(carry):
-                break
-        if split.same_batch_loop:
-            self.carries[micro] = None  # the next step starts from a fresh carry on its own batch
+        stack_noise = config.jd.carry_perturbation == "stack_steps" and split.is_supervision_stack
+        if split.same_batch_loop and not (self.carries[micro] is not None and bool(self.carries[micro].halted.all())):
+            self.carries[micro] = None  # a carry whose samples all halted loads the new batch whole: kept (its logits)
         embedding = self.model.puzzle_embedding
+        sharing = embedding.share_rows(config.jd.puzzle_rows == "shared_in_stack" and split.same_batch_loop) if embedding else nullcontext()
+        with sharing:
+            for batch in schedule:
+                micro_batch = {key: value[rows].to(self.dist.device, non_blocking=True) for key, value in batch.items()}
+                if self.carries[micro] is None:
+                    self.carries[micro] = self.loss_head.initial_carry(micro_batch)
+                carry, terms, metrics, outputs, _ = self._supervision_step(self.carries[micro], micro_batch, config.global_batch_size)
+                self.carries[micro] = perturb_latent(carry, config.jd.carry_perturbation_rate) if stack_noise else carry
+                step_terms.append(terms)
+                metrics["sample_steps"] = torch.tensor(float(carry.halted.shape[0]), device=sums.device)
+                sums += torch.stack([metrics[name].float() if name in metrics else sums.new_zeros(()) for name in SUM_METRICS])
+                if self.sampler is not None:
+                    self._observe_for_sampling(micro_batch, carry, outputs["exact"], after_stack=False)
+                if split.same_batch_loop and self._all_halted(carry):
+                    break
+        if self.sampler is not None and split.is_supervision_stack:
+            self._observe_for_sampling(micro_batch, carry, outputs["exact"], after_stack=True)
+        if split.same_batch_loop and not bool(self.carries[micro].halted.all()):
+            self.carries[micro] = None  # the next step starts from a fresh carry on its own batch
         puzzle_rows = [r for _, r in embedding.pending_rows()[rows_before:]] if embedding is not None else []
         return self.jd_step.backward(step_terms, self.params, puzzle_rows)
+
+    def _observe_for_sampling(self, batch: dict[str, Tensor], carry: ACTCarry, exact: Tensor, *, after_stack: bool) -> None:
+        """Hard-example counts, called after every supervision step and once more after a supervision stack
+        (``after_stack``): the halted samples by their own identifier at every step, or with
+        ``custom_sampling_rule=study`` the study's crediting of the incoming batch, once per stack."""
+        assert self.sampler is not None
+        if self.sampler.rule == "halted":
+            if not after_stack:
+                self.sampler.observe(carry.data["puzzle_identifiers"], carry.halted, exact)
+        elif after_stack or not self.jd_step.split.is_supervision_stack:
+            self.sampler.observe_incoming(batch["puzzle_identifiers"], carry.halted, exact)
 
     def _recompute_objectives(self, batches: list[dict[str, Tensor]], carries: list[ACTCarry | None], rng: dict[str, Any]) -> None:
         """FAMO: the step's objectives again after the update, from the same carry, batch and random
@@ -409,10 +462,11 @@ class Trainer:
     ) -> tuple[ACTCarry, LossTerms, dict[str, Tensor], dict[str, Tensor], Tensor]:
         """One ACT step of the loss head with what the split needs (per-cycle graphs and losses) and the
         configured carry noise."""
-        split = self.jd_step.split
+        split, jd = self.jd_step.split, self.config.jd
         return self.loss_head(
             carry, batch, global_batch_size=global_batch_size, keep_cycle_logits=split.needs_cycle_logits,
-            differential_cycles=split.needs_differential_cycles, carry_noise=self.config.jd.carry_perturbation_rate,
+            differential_cycles=split.needs_differential_cycles,
+            carry_noise=jd.carry_perturbation_rate if jd.carry_perturbation == "carried_samples" else 0.0,
         )
 
     def _all_halted(self, carry: ACTCarry) -> bool:
@@ -422,6 +476,22 @@ class Trainer:
             dist.all_reduce(done, op=dist.ReduceOp.MIN)
         return bool(done.item())
 
+    def accumulate_gradients(self, batches: list[dict[str, Tensor]]) -> tuple[Tensor, list[dict[str, float]]]:
+        """The forwards and backward of one optimizer step, without the update: ``.grad`` of the weights and
+        of the puzzle rows (pending in the embedding) hold the step's update. Returns the summed metrics
+        (:data:`SUM_METRICS`, this rank) and each micro-batch's ``jd/*`` metrics."""
+        self.model.train()
+        sums = torch.zeros(len(SUM_METRICS), device=self.dist.device)
+        micro_metrics: list[dict[str, float]] = []
+        for micro in range(self.config.grad_accum_steps):
+            rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
+            embedding = self.model.puzzle_embedding
+            rows_before = len(embedding.pending_rows()) if embedding is not None else 0
+            with self.jd_step.forward_context(self.model, self.micro_batch):
+                micro_metrics.append(self._micro_step(micro, rows, batches, [], sums, rows_before))
+        self.jd_step.finish(self.optimizers.params)
+        return sums, micro_metrics
+
     def _train_step(self, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         config = self.config
         started = time.perf_counter()
@@ -430,23 +500,12 @@ class Trainer:
         lr_scale = cosine_schedule_with_warmup(
             self.progress.step, base_lr=1.0, warmup_steps=config.lr_warmup_steps, total_steps=self.total_steps, min_ratio=config.lr_min_ratio
         )
-        self.model.train()
-        sums = torch.zeros(len(SUM_METRICS), device=self.dist.device)
-        local_bad = torch.zeros(1, device=self.dist.device)  # non-finite signs only this rank can see
         jd_skipped_before = self.jd_step.skipped_nonfinite
-        micro_metrics: list[dict[str, float]] = []
-        for micro in range(config.grad_accum_steps):
-            rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
-            step_terms = []
-            embedding = self.model.puzzle_embedding
-            rows_before = len(embedding.pending_rows()) if embedding is not None else 0
-            with self.jd_step.forward_context(self.model, self.micro_batch):
-                micro_metrics.append(self._micro_step(micro, rows, batches, step_terms, sums, rows_before))
-        self.jd_step.finish(self.params)
+        sums, micro_metrics = self.accumulate_gradients(batches)
         # jd/* describe the optimizer step: every micro-batch's and every rank's update (mean; min/max for extremes).
         jd_metrics = reduce_step_diagnostics(micro_metrics, self.dist.world_size, self.dist.device) if not self.jd_step.split.is_gd else {}
-
-        grad_norm = _grad_norm(self.params)
+        local_bad = torch.zeros(1, device=self.dist.device)  # non-finite signs only this rank can see
+        grad_norm = _grad_norm(self.optimizers.params)
         if self.jd_step.skipped_nonfinite > jd_skipped_before:  # non-finite objectives, Gramian or update
             local_bad += 1
         if self.model.puzzle_embedding is not None:
@@ -459,8 +518,8 @@ class Trainer:
         sums = checks[:-1]
         finite = bool(torch.isfinite(grad_norm.to(checks.device)) & torch.isfinite(checks).all() & (checks[-1] == 0))  # one sync
         if finite:
-            if config.grad_clip_norm is not None and self.params:
-                torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip_norm)
+            if config.grad_clip_norm is not None and self.optimizers.params:
+                torch.nn.utils.clip_grad_norm_(self.optimizers.params, config.grad_clip_norm)
             self.optimizers.step(lr_scale)
             if not self.optimizers.weights_finite():
                 raise NonFiniteError(
@@ -688,6 +747,15 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=self.total_steps, initial=self.progress.step, desc=self.run_name, dynamic_ncols=True)
+
+
+def _lock_run_dir(run_dir: Path) -> RunLock:
+    try:
+        return RunLock.acquire(run_dir)
+    except RunInUseError as error:
+        raise RunDirError(str(error)) from None
+    except OSError as error:
+        raise RunDirError(f"cannot lock the run directory {run_dir} ({error.strerror}); check its permissions") from None
 
 
 def _grad_norm(params: list[Tensor]) -> Tensor:

@@ -40,6 +40,7 @@ class ACTCarry:
     halted: Tensor  # [B] bool: the sample is done and will be replaced at the next call
     data: dict[str, Tensor]  # the samples currently being worked on
     prev_logits: Tensor | None = None  # previous step's logits, for jd.differential_loss
+    prev_logits_across_samples: bool = False  # a new sample starts from the replaced sample's logits (the JD study)
 
 
 @dataclass
@@ -63,11 +64,13 @@ class RecursiveCore(nn.Module):
         self.config = config
         self.puzzle_emb_len = config.effective_puzzle_emb_len
         self.lm_head = CastedLinear(config.hidden_size, vocab_size)
-        self.q_head = CastedLinear(config.hidden_size, 2, bias=True)
-        with torch.no_grad():  # start with "never halt" so early training explores all steps
-            self.q_head.weight.zero_()
-            assert self.q_head.bias is not None
-            self.q_head.bias.fill_(-5.0)
+        self.q_head: CastedLinear | None = None  # arch.no_act (the JD study's trmjd): no Q-head at all
+        if not config.no_act:
+            self.q_head = CastedLinear(config.hidden_size, 2, bias=True)
+            with torch.no_grad():  # start with "never halt" so early training explores all steps
+                self.q_head.weight.zero_()
+                assert self.q_head.bias is not None
+                self.q_head.bias.fill_(-5.0)
         full_len = seq_len + self.puzzle_emb_len
         self.rotary = (
             RotaryEmbedding(config.hidden_size // config.num_heads, full_len, config.rope_theta)
@@ -85,7 +88,10 @@ class RecursiveCore(nn.Module):
     def forward(self, latent: LatentState, inputs: Tensor, keep_cycle_logits: bool = False) -> CoreOutput:
         latent, cycle_states = self.recurse(latent, inputs, keep_cycle_logits)
         logits = self.lm_head(latent.z_H)[:, self.puzzle_emb_len :].float()
-        q_logits = self.q_head(latent.z_H[:, 0]).float()
+        if self.q_head is None:  # no_act: constant logits that never halt and carry no gradient
+            q_logits = torch.full((logits.shape[0], 2), -5.0, device=logits.device)
+        else:
+            q_logits = self.q_head(latent.z_H[:, 0]).float()
         cycle_logits = None
         if keep_cycle_logits:
             cycle_logits = [self.lm_head(z)[:, self.puzzle_emb_len :].float() for z in cycle_states[:-1]] + [logits]
@@ -185,7 +191,7 @@ class ACTModel(nn.Module):
         steps = torch.where(halted, torch.zeros_like(carry.steps), carry.steps)
         data = {key: torch.where(halted.view((-1,) + (1,) * (value.ndim - 1)), batch[key], value) for key, value in carry.data.items()}
         prev_logits = carry.prev_logits
-        if prev_logits is not None:
+        if prev_logits is not None and not carry.prev_logits_across_samples:
             prev_logits = torch.where(halted.view(-1, 1, 1), torch.zeros_like(prev_logits), prev_logits)
 
         inputs = self.input_embeddings(data["inputs"], data["puzzle_identifiers"])
@@ -204,7 +210,7 @@ class ACTModel(nn.Module):
             steps = steps + 1
             is_last_step = steps >= self.config.halt_max_steps
             new_halted = is_last_step
-            if self.training and self.config.halt_max_steps > 1:
+            if self.training and self.config.halt_max_steps > 1 and not self.config.no_act:
                 if self.config.no_ACT_continue:
                     new_halted = new_halted | (out.q_halt_logits > 0)
                 else:
@@ -222,13 +228,23 @@ class ACTModel(nn.Module):
                     outputs["target_q_continue"] = torch.sigmoid(next_value)
 
         new_prev = out.logits.detach() if carry.prev_logits is not None else None
-        return ACTCarry(out.latent, steps, new_halted, data, new_prev), outputs
+        return ACTCarry(out.latent, steps, new_halted, data, new_prev, carry.prev_logits_across_samples), outputs
 
-    def enable_differential_loss(self, carry: ACTCarry) -> ACTCarry:
-        """Make the carry keep the previous step's logits (for ``jd.differential_loss``)."""
+    def enable_differential_loss(self, carry: ACTCarry, across_samples: bool = False) -> ACTCarry:
+        """Make the carry keep the previous step's logits (for ``jd.differential_loss``). A new sample's
+        first step subtracts zeros, or with ``across_samples`` (the JD study) the final logits of the
+        sample it replaced."""
         batch_size = carry.steps.shape[0]
         prev = torch.zeros(batch_size, self.seq_len, self.vocab_size, device=carry.steps.device)
-        return replace(carry, prev_logits=prev)
+        return replace(carry, prev_logits=prev, prev_logits_across_samples=across_samples)
+
+
+def perturb_latent(carry: ACTCarry, rate: float) -> ACTCarry:
+    """The JD study's carry perturbation: Gaussian noise of scale ``rate`` on every sample's ``z_H`` and
+    ``z_L`` (drawn in that order), applied after each supervision step of a stack."""
+    latent = carry.latent
+    noisy = LatentState(latent.z_H + torch.randn_like(latent.z_H) * rate, latent.z_L + torch.randn_like(latent.z_L) * rate)
+    return replace(carry, latent=noisy)
 
 
 def _resolve_dtype(name: str) -> torch.dtype:

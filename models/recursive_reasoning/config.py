@@ -30,6 +30,11 @@ class ArchConfig(BaseModel):
     rms_norm_eps: float = 1e-5
     mlp_t: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    dropout_placement: Literal["sublayers", "block_output"] = Field(
+        default="sublayers",
+        description="sublayers: on each attention/MLP output before its residual; block_output: once on each block's output "
+        "(the JD study's trmjd)",
+    )
 
     puzzle_emb_ndim: int = Field(default=512, ge=0, description="0 disables the puzzle embedding")
     puzzle_emb_len: int = Field(default=16, ge=0, description="0: ceil(puzzle_emb_ndim / hidden_size)")
@@ -37,6 +42,10 @@ class ArchConfig(BaseModel):
     halt_max_steps: int = Field(default=16, ge=1)
     halt_exploration_prob: float = Field(default=0.1, ge=0.0, le=1.0)
     no_ACT_continue: bool = True
+    no_act: bool = Field(
+        default=False,
+        description="the JD study's trmjd: no Q-head, no halting loss, every sample runs halt_max_steps supervision steps",
+    )
 
     forward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

@@ -25,7 +25,10 @@ class HRMCore(RecursiveCore):
         def stack(layers: int) -> ReasoningModule:
             return ReasoningModule(
                 [
-                    Block(config.hidden_size, config.num_heads, config.expansion, full_len, config.mlp_t, config.dropout, config.rms_norm_eps)
+                    Block(
+                    config.hidden_size, config.num_heads, config.expansion, full_len, config.mlp_t, config.dropout, config.rms_norm_eps,
+                    block_output_dropout=config.dropout_placement == "block_output",
+                )
                     for _ in range(layers)
                 ]
             )
