@@ -224,9 +224,11 @@ def hydra_main(raw: DictConfig) -> float:
         check_group_choices(overrides)
         return parse_config(raw)
 
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode == RunMode.MULTIRUN:  # which values this trial runs (a sweeper's choice included)
+        print(f"trial {hydra_config.job.num}: {' '.join(overrides)}", flush=True)
     outcome: dict = {}
     status = execute(config_factory, overrides, outcome)
-    hydra_config = HydraConfig.get()
     if status and hydra_config.mode != RunMode.MULTIRUN:
         sys.exit(status)
     value = outcome["objective"]

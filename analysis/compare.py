@@ -34,6 +34,7 @@ from analysis.runs import (DEFAULT_GROUP_BY, FINISHED, AnalysisError, Run, group
                            label_sort_key, load_runs)
 from analysis.stats import CONFIDENCE, Difference, difference, mean_interval
 from analysis.wandb_source import WandbUnavailableError, create_wandb_report, parse_wandb_source
+from training.checkpoint import write_failure
 from training.numerics import numerics_differences
 
 SUMMARY_MARKDOWN = "summary.md"
@@ -404,28 +405,36 @@ def compare(runs: Sequence[Run], out_dir: Path, *, group_by: Sequence[str] = DEF
     warn_repeated_seeds(summaries, group_by)
     warn_unfinished(summaries, group_by)
     warn_numerics(runs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    markdown_path, csv_path, differences_path, png_path, svg_path = paths[:5]
-    markdown_path.write_text(to_markdown(summaries, runs, group_by, statistics, comparisons, base), encoding="utf-8")
-    write_csv(csv_path, summaries, group_by, statistics)
-    write_differences_csv(differences_path, comparisons, group_by, base)
-    figure = learning_curves_figure(runs, group_by, smooth)
-    save_figure(figure, [png_path, svg_path])
-    if html:
-        header, rows = table_rows(summaries, group_by, statistics)
-        diff_header, diff_rows = difference_rows(comparisons, group_by)
-        run_header, run_rows = _run_rows(runs, group_by)
-        sections = [
-            Paragraph(f"{len(runs)} run(s) in {len(summaries)} group(s) by {', '.join(group_by)}. {CELL_NOTE}"),
-            Table("Summary", header, rows, text_columns=len(group_by) + 2,
-                  note=" ".join(f"{s.column}: {s.description}." for s in statistics)),
-            Table("Differences against the baseline", diff_header, diff_rows, text_columns=len(group_by) + 1,
-                  note=differences_note(base, group_by)),
-            Image("Learning curves", figure_png(figure),
-                  caption="Mean over each group's runs; the band is ± one standard deviation."),
-            Table("Runs", run_header, run_rows, text_columns=len(run_header)),
-        ]
-        paths[5].write_text(render_html("Run comparison", sections), encoding="utf-8")
+    existed = {path for path in paths if path.exists()}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        markdown_path, csv_path, differences_path, png_path, svg_path = paths[:5]
+        markdown_path.write_text(to_markdown(summaries, runs, group_by, statistics, comparisons, base), encoding="utf-8")
+        write_csv(csv_path, summaries, group_by, statistics)
+        write_differences_csv(differences_path, comparisons, group_by, base)
+        figure = learning_curves_figure(runs, group_by, smooth)
+        save_figure(figure, [png_path, svg_path])
+        if html:
+            header, rows = table_rows(summaries, group_by, statistics)
+            diff_header, diff_rows = difference_rows(comparisons, group_by)
+            run_header, run_rows = _run_rows(runs, group_by)
+            sections = [
+                Paragraph(f"{len(runs)} run(s) in {len(summaries)} group(s) by {', '.join(group_by)}. {CELL_NOTE}"),
+                Table("Summary", header, rows, text_columns=len(group_by) + 2,
+                      note=" ".join(f"{s.column}: {s.description}." for s in statistics)),
+                Table("Differences against the baseline", diff_header, diff_rows, text_columns=len(group_by) + 1,
+                      note=differences_note(base, group_by)),
+                Image("Learning curves", figure_png(figure),
+                      caption="Mean over each group's runs; the band is ± one standard deviation."),
+                Table("Runs", run_header, run_rows, text_columns=len(run_header)),
+            ]
+            paths[5].write_text(render_html("Run comparison", sections), encoding="utf-8")
+    except OSError as error:  # a full disk, a read-only folder: no half-written report left behind
+        for path in paths:
+            if path not in existed:
+                path.unlink(missing_ok=True)
+        where = out_dir if out_dir.exists() else out_dir.parent
+        raise AnalysisError(f"cannot write the comparison into {out_dir}: {write_failure(where, error)}; no half-written file was left") from None
     return paths
 
 
@@ -451,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("comparison"), metavar="DIR",
                         help="output folder (default ./comparison)")
     parser.add_argument("--group-by", type=label_fields_arg, default=DEFAULT_GROUP_BY, metavar="FIELDS",
-                        help="comma-separated labels to group by (default split,method)")
+                        help="comma-separated labels to group by (default split,method): split, method, aggregator, seed, "
+                             "epochs, arch, data, project, or any config key a sweep varied (lr, arch.H_cycles, ...)")
     parser.add_argument("--smooth", type=positive_int_arg, default=None, metavar="N",
                         help="trailing mean over N logged points in every learning-curve panel (default: "
                              "per-step metrics over 1/50 of their points, evaluations unsmoothed)")

@@ -180,8 +180,11 @@ class Run:
 
     @property
     def method(self) -> str:
-        """How the objectives became one update: ``gd``, ``aggregator:NAME`` or ``scalarizer:NAME``."""
-        if self.is_gd:
+        """How the objectives became one update: ``gd`` (also for a split with one objective, such as
+        ``stack_supervisions_and_sum``: GD on it), ``aggregator:NAME`` or ``scalarizer:NAME``."""
+        from jd.splits import single_objective
+
+        if self.is_gd or (not _config_value(self.config, "jd.scalarizer") and single_objective(self.split)):
             return GD_AGGREGATOR
         scalarizer = _config_value(self.config, "jd.scalarizer")
         return f"scalarizer:{scalarizer}" if scalarizer else f"aggregator:{self.aggregator}"
@@ -230,9 +233,12 @@ class Run:
         return str(self.summary.get("status", NO_SUMMARY))
 
     def label(self, name: str) -> str:
-        """One derived label as text; ``name`` is one of ``LABEL_FIELDS``."""
+        """One derived label as text; ``name`` is one of ``LABEL_FIELDS`` or a config key (``lr``, ``arch.H_cycles``)."""
         if name not in LABEL_FIELDS:
-            raise AnalysisError(f"unknown run label {name!r}; accepted: {', '.join(LABEL_FIELDS)}")
+            if name not in _config_keys():
+                raise AnalysisError(f"unknown run label {name!r}; accepted: {', '.join(LABEL_FIELDS)} or a config key (e.g. lr)")
+            value = _config_value(self.config, name)
+            return UNKNOWN if value is None else str(value)
         if name == "seed":
             return UNKNOWN if self.seed is None else str(self.seed)
         return str(getattr(self, name))
@@ -241,14 +247,21 @@ class Run:
         return tuple(self.label(n) for n in names)
 
 
+def _config_keys() -> frozenset[str]:
+    """Every dotted key of the training config: each can be a label (a hyperparameter a sweep varied)."""
+    from training.config import known_keys
+
+    return frozenset(known_keys())
+
+
 def parse_label_fields(text: str) -> tuple[str, ...]:
-    """Parse ``"split,aggregator"`` into label names, rejecting unknown or repeated ones."""
+    """Parse ``"split,aggregator"`` (or config keys: ``"method,lr"``) into label names, rejecting unknown or repeated ones."""
     names = tuple(part.strip() for part in text.split(",") if part.strip())
     if not names:
-        raise AnalysisError(f"no label names in {text!r}; accepted: {', '.join(LABEL_FIELDS)}")
-    unknown = [n for n in names if n not in LABEL_FIELDS]
+        raise AnalysisError(f"no label names in {text!r}; accepted: {', '.join(LABEL_FIELDS)} or config keys")
+    unknown = [n for n in names if n not in LABEL_FIELDS and n not in _config_keys()]
     if unknown:
-        raise AnalysisError(f"unknown label(s) {', '.join(unknown)}; accepted: {', '.join(LABEL_FIELDS)}")
+        raise AnalysisError(f"unknown label(s) {', '.join(unknown)}; accepted: {', '.join(LABEL_FIELDS)} or a config key (e.g. lr, arch.H_cycles)")
     if len(set(names)) != len(names):
         raise AnalysisError(f"a label is repeated in {text!r}")
     return names
@@ -433,8 +446,14 @@ def load_runs(paths_or_globs: Sequence[str | os.PathLike[str]], progress: bool =
         else:
             local_dirs.extend(_run_dirs_for(item))
     unique_dirs = list(dict.fromkeys(d.resolve() for d in local_dirs))
-    runs = [load_run_dir(d) for d in tqdm(unique_dirs, desc="reading runs", unit="run",
-                                          disable=not progress or not unique_dirs, file=sys.stderr)]
+    runs = []
+    with tqdm(unique_dirs, desc="reading runs", unit="run", disable=not progress or not unique_dirs, file=sys.stderr) as bar:
+        for run_dir in bar:
+            try:
+                runs.append(load_run_dir(run_dir))
+            except RunLoadError:
+                bar.leave = False  # the bar's fragment goes, so the error line that follows stands alone
+                raise
     if wandb_sources:
         from analysis.wandb_source import load_wandb_runs  # imports wandb only when asked for
 

@@ -17,6 +17,7 @@ every run, e.g. ``--set max_steps=50`` for a quick look; the run directories rec
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -280,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = write_report(args.out, recipe)
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk or a read-only --out while building data or starting runs
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror
+        print(f"error: cannot write into {args.out} ({reason}{f': {error.filename}' if error.filename else ''})", file=sys.stderr)
         return 1
     for path in written:
         print(f"wrote {path}")

@@ -327,9 +327,14 @@ def render_recursion(example: Example, steps: Sequence[StepPrediction], out_path
         handles += [Patch(color=MAZE_COLOURS[token], label=name) for token, name in ((1, "wall"), (3, "start"), (4, "goal"), (5, "path"))]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=dpi)
-    plt.close(fig)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_path, dpi=dpi)
+    except OSError as error:  # no half-written picture left behind
+        out_path.unlink(missing_ok=True)
+        raise DatasetError(f"cannot write {out_path}: {error.strerror or error}") from None
+    finally:
+        plt.close(fig)
     return out_path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ def run_build(build: Callable[[], Path]) -> None:
         path = build()
     except (DatasetError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
+    except OSError as error:  # a full disk, a read-only folder: the staging folder is already removed
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror
+        raise SystemExit(f"error: cannot write the dataset ({reason}{f': {error.filename}' if error.filename else ''}); nothing was left") from None
     print(f"wrote {path}")
 
 

@@ -17,8 +17,6 @@ the mean over its test inputs, and ``ARC/pass@K`` is the mean over the puzzles o
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +28,7 @@ from torch import Tensor
 
 from dataset.arc_augment import Augmentation, parse_name, tokens_to_grid
 from dataset.common import DatasetError, DatasetMetadata, concatenated_index, read_identifiers, read_metadata, read_split_parts
+from training.atomic import atomic_write_text
 
 BLANK_SUBMISSION_GRID = [[0]]
 
@@ -210,12 +209,4 @@ class ARCEvaluator:
     @staticmethod
     def _write_submission(save_dir: Path, submission: dict[str, Any]) -> None:
         """Write ``submission.json`` atomically (a reader never sees a half-written file)."""
-        save_dir.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".submission.", suffix=".json", dir=save_dir)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump(submission, stream)
-            os.replace(temporary, save_dir / "submission.json")
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write_text(save_dir / "submission.json", json.dumps(submission))

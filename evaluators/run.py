@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from dataset.puzzle_dataset import PuzzleDataset
 from models.losses import ACTLossHead
 from models.recursive_reasoning.act import ACTModel
 from models.registry import build_model
+from training.atomic import atomic_write_text
 from training.checkpoint import CheckpointError, load_checkpoint, read_state, resolve_checkpoint
 from training.reference_checkpoint import describe_sources, is_reference_state, read_reference_checkpoint
 from training.config import EVALUATOR_NAMES, ConfigError, EvaluatorConfig, TrainConfig, parse_config
@@ -130,9 +130,6 @@ def _read_reference(
     path: Path, raw: dict[str, Tensor], overrides: dict[str, Any] | None, data_paths: list[str] | None
 ) -> tuple[Path, dict[str, Any], TrainConfig, DataSizes]:
     reference = read_reference_checkpoint(path, raw, overrides=overrides, data_paths=data_paths)
-    print(f"Reference checkpoint {path}: architecture and where each value came from\n{describe_sources(reference)}", file=sys.stderr)
-    for note in reference.notes:
-        print(f"note: {note}", file=sys.stderr)
     try:
         config = parse_config(reference.config)
     except ConfigError as error:
@@ -141,7 +138,10 @@ def _read_reference(
     seq_len = read_metadata(config.eval_paths[0]).seq_len  # not stored in the weights (RoPE): the data's
     puzzles = weights["puzzle_embedding.weights"].shape[0] if "puzzle_embedding.weights" in weights else 1
     sizes = DataSizes(seq_len, int(weights["embed_tokens.weight"].shape[0]), int(puzzles))
-    return path, {"model": weights, "step": reference.step, "ema": None}, config, sizes
+    # Printed once the model has loaded (model_from_checkpoint): a refusal stays the only line.
+    report = "\n".join([f"Reference checkpoint {path}: architecture and where each value came from\n{describe_sources(reference)}",
+                        *(f"note: {note}" for note in reference.notes)])
+    return path, {"model": weights, "step": reference.step, "ema": None, "reference_report": report}, config, sizes
 
 
 def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
@@ -180,6 +180,8 @@ def model_from_checkpoint(
         config.arch, seq_len=sizes.seq_len, vocab_size=sizes.vocab_size, num_puzzle_identifiers=sizes.num_puzzle_identifiers, device=device
     )
     load_model_state(model, state["model"], path)
+    if state.get("reference_report"):
+        print(state["reference_report"], file=sys.stderr)
     uses_ema = ema_state is not None and use_ema is not False
     if uses_ema:
         copy_ema_weights_(model, ema_state, path)
@@ -285,15 +287,7 @@ def _output_dir(requested: Path | None, run_dir: Path, step: int, overwrite: boo
 
 def write_json_atomically(path: Path, content: Any) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(content, stream, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(content, indent=2))
 
 
 # ---------------------------------------------------------------------------------------- evaluation

@@ -125,8 +125,11 @@ class JDConfig(BaseModel):
 
     @property
     def method(self) -> str:
-        """``gd``, ``aggregator:NAME`` or ``scalarizer:NAME``: how the objectives become one update."""
-        if self.split == "none":
+        """``gd``, ``aggregator:NAME`` or ``scalarizer:NAME``: how the objectives become one update (``gd`` for
+        a split with one objective, e.g. ``stack_supervisions_and_sum``: every aggregator returns its gradient)."""
+        from jd.splits import single_objective
+
+        if self.split == "none" or (self.scalarizer is None and single_objective(self.split)):
             return "gd"
         return f"scalarizer:{self.scalarizer}" if self.scalarizer else f"aggregator:{self.aggregator_name}"
 

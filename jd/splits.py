@@ -124,6 +124,18 @@ def split_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def single_objective(name: str) -> bool:
+    """Whether split ``name`` always gives one objective (``none``, the ``*_and_sum`` stacks): any aggregator
+    then returns that objective's gradient, so the run is gradient descent on it (an unknown name: ``False``).
+
+    >>> single_objective("stack_supervisions_and_sum"), single_objective("iwrm_with_q_halt_in")
+    (True, False)
+    """
+    entry = _REGISTRY.get(name)
+    options = SplitOptions()
+    return entry is not None and all(entry.num_objectives(B, S, H, K, options) == 1 for B, S, H, K in ((2, 3, 2, 2), (5, 7, 3, 4)))
+
+
 def _single(steps: Sequence[LossTerms], name: str) -> LossTerms:
     if len(steps) != 1:
         raise ValueError(f"split {name!r} takes the losses of one supervision step, got {len(steps)}")

@@ -163,6 +163,13 @@ def test_parse_label_fields_names_accepted_values() -> None:
     assert parse_label_fields("split, aggregator") == ("split", "aggregator")
     with pytest.raises(AnalysisError, match="accepted: split, method, aggregator, seed"):
         parse_label_fields("split,optimizer")
+    assert parse_label_fields("method, lr, arch.H_cycles") == ("method", "lr", "arch.H_cycles")  # a sweep's hyperparameters
+
+
+def test_runs_group_by_a_config_key(sweep: Path) -> None:
+    runs = load_runs([sweep / "sweep"], progress=False)
+    groups = group_runs(runs, ("jd.aggregator",))
+    assert {key[0] for key in groups} == {str(run.config["jd"]["aggregator"]) for run in runs} and len(groups) >= 2
 
 
 # ----------------------------------------------------------------------------------------------- curves

@@ -10,6 +10,7 @@ import pytest
 MODULES_WITH_EXAMPLES = [
     "jd.aggregators",
     "jd.projector",
+    "jd.splits",
     "models.ema",
     "models.losses",
     "models.optimizers",

@@ -44,11 +44,11 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 # ------------------------------------------------------------------------------------ helpers
 def file_hashes(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``root`` (W&B's own folder excluded), by relative path."""
+    """SHA-256 of every file under ``root`` (W&B's own folder and the run lock's holder note excluded), by relative path."""
     return {
         str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(root.rglob("*"))
-        if path.is_file() and "wandb" not in path.parts
+        if path.is_file() and "wandb" not in path.parts and path.name != ".lock"
     }
 
 

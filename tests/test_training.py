@@ -274,9 +274,11 @@ def test_two_runs_starting_with_one_name_cannot_share_its_directory(sudoku_data:
     config = compose(tiny_overrides(sudoku_data, tmp_path, run_name="twin"))
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     first, second = (plan_run(config, ElasticInfo()) for _ in range(2))
-    prepare_run_dir(config, cpu, first)
+    *_, first_lock = prepare_run_dir(config, cpu, first)  # the first run goes on starting: it holds its directory
+    assert first_lock is not None
     with pytest.raises(RunDirError, match="already exists|just claimed"):
         prepare_run_dir(config, cpu, second)
+    first_lock.release()
 
 
 def test_a_mistyped_key_suggests_the_closest_one(capsys: pytest.CaptureFixture[str]) -> None:
@@ -345,7 +347,7 @@ def test_a_run_directory_in_use_is_not_resumed_by_a_second_process(sudoku_data: 
     first = run(compose(overrides))
     run_dir = Path(first["run_dir"])
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from training.run_lock import RunLock; RunLock.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", f"import time; from training.run_lock import RunLock; lock = RunLock.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(60)"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
     )
     try:

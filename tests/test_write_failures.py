@@ -17,7 +17,7 @@ def test_the_cause_is_named(tmp_path: Path) -> None:
     assert "no space left on the device" in write_failure(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
     assert "no space left" in write_failure(tmp_path, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64"))
     assert "is not writable (Read-only file system)" in write_failure(tmp_path, OSError(errno.EROFS, "Read-only file system"))
-    assert write_failure(tmp_path, OSError(errno.EIO, "Input/output error")).startswith("[Errno 5]")
+    assert write_failure(tmp_path, OSError(errno.EIO, "Input/output error")) == "Input/output error"
 
 
 def test_a_checkpoint_that_cannot_be_written_keeps_the_earlier_ones(sudoku_data: Path, tmp_path: Path) -> None:
@@ -59,3 +59,65 @@ def test_an_output_path_that_is_a_file_is_one_error(sudoku_data: Path, tmp_path:
     assert study_main(["--recipe", "sudoku4x4", "--out", str(a_file), "--report-only"]) == 1
     err = capsys.readouterr().err
     assert err.count("is a file") == 2 and "Traceback" not in err and a_file.read_text() == "keep me"
+
+
+def test_a_full_disk_under_metrics_jsonl_stops_with_one_line_saying_what_was_kept(sudoku_data: Path, tmp_path: Path) -> None:
+    """metrics.jsonl's writes fail with a real ENOSPC (its handle reopened on /dev/full) after a checkpoint:
+    one error naming the file, the cause, the step and the newest checkpoint; that checkpoint stays whole."""
+    import os
+
+    from training.distributed import DistInfo
+    from training.run_dir import RunDirError
+    from training.trainer import Trainer
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this machine")
+    overrides = tiny_overrides(sudoku_data, tmp_path, eval_interval="null", run_name="full", checkpoint_interval=2)
+    run(compose(overrides + ["max_steps=4"]))
+    trainer = Trainer(compose(overrides + ["max_steps=8", "resume=true"]), DistInfo(0, 1, 0, torch.device("cpu")))
+    assert trainer.logger is not None
+    trainer.logger._file.close()
+    trainer.logger._file = open("/dev/full", "a", buffering=1)  # every write now fails: no space left on the device
+    with pytest.raises(RunDirError) as caught:
+        trainer.fit()
+    message = str(caught.value)
+    assert message.startswith("cannot write") and "metrics.jsonl" in message and "no space left" in message
+    assert "training stopped at step 5" in message and "newest checkpoint is" in message and "step 4" in message
+    assert [p.name for p in list_checkpoints(trainer.run_dir)][-1] == "step_00000004.pt"
+
+
+def test_a_comparison_that_cannot_be_written_is_one_error_and_leaves_nothing_half_written(sudoku_data: Path, tmp_path: Path) -> None:
+    import os
+
+    from analysis.compare import compare
+    from analysis.runs import AnalysisError, load_runs
+
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="cmp")))
+    runs = load_runs([summary["run_dir"]], progress=False)
+    with pytest.raises(AnalysisError, match="cannot write the comparison into /proc/nowhere"):
+        compare(runs, Path("/proc/nowhere"))
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this machine")
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "summary.md").symlink_to("/dev/full")  # the first file written meets a full device (a real ENOSPC)
+    with pytest.raises(AnalysisError, match="no space left"):
+        compare(runs, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["summary.md"]  # nothing else was left half-written
+
+
+def test_builders_exports_and_pictures_that_cannot_be_written_are_one_error(sudoku_data: Path, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A place that cannot be written (here under /proc) gives one error line, no traceback, nothing left behind."""
+    from analysis.visualize_recursion import main as visualize_main
+    from dataset.build_sudoku_dataset import main as build_main
+    from evaluators.export import main as export_main
+
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="w")))
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="error: cannot write the dataset"):
+        build_main(["--generate", "--size", "4", "--num-train", "8", "--num-test", "4", "--output-dir", "/proc/no/data"])
+    assert export_main([summary["run_dir"], "/proc/no/export"]) == 2
+    assert visualize_main([summary["run_dir"], "--index", "0", "--out", "/proc/no/recursion.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: cannot write") == 2 and "Traceback" not in err

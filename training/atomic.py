@@ -29,6 +29,7 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_shareable(handle)
     try:
         with os.fdopen(handle, mode) as file:
             yield file
@@ -39,6 +40,16 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
         Path(temp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def make_shareable(handle: int) -> None:
+    """Give a ``tempfile.mkstemp`` file (private, 0600) the permissions ``open()`` would: 0666 less the umask
+    (read from ``/proc``, so that the process-wide umask is never touched; 022 where it cannot be read)."""
+    mask = 0o022
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text(encoding="utf-8").splitlines()
+        mask = int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    os.fchmod(handle, 0o666 & ~mask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

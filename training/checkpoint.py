@@ -60,6 +60,8 @@ def write_failure(folder: Path, error: BaseException) -> str:
 
     if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{folder} is not writable ({error.strerror})"
+    if isinstance(error, OSError) and error.errno is not None and error.errno != errno.ENOSPC:
+        return f"{error.strerror} ({error.filename})" if error.filename else str(error.strerror)
     try:
         free = shutil.disk_usage(folder).free
     except OSError:

@@ -13,6 +13,10 @@ from training.atomic import atomic_write_text
 from training.config import ConfigError, WandbConfig
 
 
+class MetricsWriteError(OSError):
+    """``metrics.jsonl`` could not be written (a full disk, a file system turned read-only)."""
+
+
 class RunLogger:
     """Writes one JSON object per logged step to ``RUN_DIR/metrics.jsonl`` and mirrors it to W&B.
 
@@ -39,13 +43,23 @@ class RunLogger:
         self._wandb = _start_wandb(run_dir, config, wandb_config, run_name, project_name, resumed=resume_step is not None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one record (line-buffered: on disk when this returns). Raises :class:`MetricsWriteError`
+        naming the file and the cause when it cannot be written."""
         record = {"step": step, **{key: _plain(value) for key, value in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            from training.checkpoint import write_failure
+
+            raise MetricsWriteError(error.errno, f"cannot write {self.path}: {write_failure(self.path.parent, error)}") from None
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the failed write was reported; closing flushes nothing more
+            pass
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

@@ -288,7 +288,7 @@ def reference_train_config(
     if reference is None:
         notes.append(
             f"{path.parent / 'all_config.yaml'} is missing: the architecture comes from the weights and the reference's defaults "
-            "(check H_cycles, L_cycles, num_heads, halt_max_steps below; correct them with --set arch.KEY=VALUE)"
+            "(check H_cycles, L_cycles, num_heads, halt_max_steps and puzzle_emb_len below: with RoPE attention no weight shape tells them, and a wrong one scores near 0; correct them with --set arch.KEY=VALUE)"
         )
     return config, sources, notes
 
@@ -357,8 +357,18 @@ def write_reference_checkpoint(state: dict[str, Tensor], config: dict[str, Any],
     existing = [str(p) for p in (target, config_file) if p.exists()]
     if existing:
         raise CheckpointError(f"{existing} already exist; choose another output folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_open(target, "wb") as handle:
-        torch.save(to_reference_state(state, compiled=compiled), handle)
-    atomic_write_text(config_file, yaml.safe_dump(reference_all_config(config), sort_keys=True))
+    from training.checkpoint import write_failure
+
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_open(target, "wb") as handle:
+            torch.save(to_reference_state(state, compiled=compiled), handle)
+        atomic_write_text(config_file, yaml.safe_dump(reference_all_config(config), sort_keys=True))
+    except (OSError, RuntimeError) as error:  # RuntimeError: torch's "unexpected pos" on a full disk
+        target.unlink(missing_ok=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # no empty folder left behind
+        where = out_dir if out_dir.exists() else out_dir.parent
+        raise CheckpointError(f"cannot write the export into {out_dir}: {write_failure(where, error)}; nothing was left") from None
     return target

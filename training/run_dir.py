@@ -35,7 +35,7 @@ from training.atomic import atomic_write_text, remove_stale_temp_files
 from training.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint, run_dir_of
 from training.config import ConfigError, TrainConfig
 from training.distributed import DistInfo, ElasticInfo, decide_on_main
-from training.run_lock import LOCK_FILE, RunLock
+from training.run_lock import LOCK_FILE, RunInUseError, RunLock
 
 
 class RunDirError(ValueError):
@@ -174,13 +174,19 @@ def _claim(run_dir: Path) -> None:
 
 def prepare_run_dir(
     config: TrainConfig, dist_info: DistInfo, plan: RunPlan, numerics: dict[str, Any] | None = None
-) -> tuple[Path, str, str]:
-    """Create the run directory on rank 0 and share it; return ``(run_dir, run_name, project_name)``.
+) -> tuple[Path, str, str, RunLock | None]:
+    """Create the run directory on rank 0 and share it; return ``(run_dir, run_name, project_name, lock)``.
+
+    A new run's directory is claimed and locked (:mod:`training.run_lock`) at once on rank 0, so that no
+    other process can take it for one left while starting; ``lock`` is that lock (``None`` on other ranks
+    and for a continued run, whose lock the caller took before restoring).
 
     Writes ``config.yaml`` with ``numerics`` (what else changes the numbers: :mod:`training.numerics`)
     (atomically; a resumed run whose config or numerics differ keeps the original and writes
     ``config.resume-TIMESTAMP.yaml`` beside it) and removes temporary files of killed writes.
     """
+
+    locks: list[RunLock] = []
 
     def create() -> str:
         run_dir = plan.run_dir
@@ -198,6 +204,10 @@ def prepare_run_dir(
             run_dir.mkdir(parents=True, exist_ok=True)
             if not plan.continues_run:
                 _claim(run_dir)
+                try:
+                    locks.append(RunLock.acquire(run_dir))
+                except RunInUseError as error:
+                    raise RunDirError(str(error)) from None
         except OSError as error:
             raise RunDirError(f"cannot create the run directory {run_dir} ({error.strerror}); check runs_root / run_dir") from None
         for folder in (run_dir, run_dir / "checkpoints"):
@@ -215,4 +225,4 @@ def prepare_run_dir(
         return str(run_dir)
 
     run_dir = Path(decide_on_main(dist_info, create))
-    return run_dir, run_dir.name, default_project_name(config)
+    return run_dir, run_dir.name, default_project_name(config), (locks[0] if locks else None)

@@ -37,9 +37,10 @@ class RunInUseError(RuntimeError):
 class RunLock:
     """An exclusive lock on a run directory, held until :meth:`release` or the process's end."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, previous: str = "") -> None:
         self.path = path
         self._fd: int | None = fd
+        self.previous = previous  # who held it last ("" for a new lock): a process that is gone
 
     @classmethod
     def acquire(cls, run_dir: Path) -> RunLock:
@@ -55,9 +56,11 @@ class RunLock:
                 f"run directory {run_dir} is in use by a training process that is still running ({holder}); two processes "
                 "would write the same checkpoints and metrics. Wait for it to end or stop it, then resume"
             ) from None
+        previous = os.read(fd, 512).decode("utf-8", errors="replace").strip()
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        return cls(path, fd)
+        return cls(path, fd, previous)
 
     @staticmethod
     def is_held(run_dir: Path) -> bool:
@@ -81,3 +84,6 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def __del__(self) -> None:  # a trainer that failed while starting lets its run directory go with it
+        self.release()

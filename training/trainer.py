@@ -55,14 +55,14 @@ from models.optimizers import cosine_schedule_with_warmup
 from models.recursive_reasoning.act import ACTCarry, perturb_latent
 from models.registry import build_model, compile_core
 from training.atomic import atomic_write_text
-from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint, write_failure
 from training.config import ConfigError, TrainConfig, trajectory_changes
 from training.distributed import DistInfo, ElasticInfo, broadcast_module_, decide_on_main, elastic_info
 from training.evaluation import ExampleProgress, build_evaluators, evaluate
 from training.hard_sampling import HardExampleSampler
 from training.init_weights import init_weights_from, resolve_init_from
 from training.interrupt import StopSignals, stopped_at_once_status
-from training.logger import RunLogger, check_wandb_config
+from training.logger import MetricsWriteError, RunLogger, check_wandb_config
 from training.numerics import run_numerics
 from training.optimizers import RunOptimizers
 from training.prefetch import TrainBatches
@@ -111,6 +111,9 @@ class Trainer:
         self._lock: RunLock | None = None  # rank 0 holds the run directory until the run ends (training.run_lock)
         if dist_info.is_main and self.plan.continues_run and self.plan.run_dir is not None and self.plan.run_dir.is_dir():
             self._lock = _lock_run_dir(self.plan.run_dir)
+            if self._lock.previous:
+                print(f"note: taking the run directory over from the process that last trained in it ({self._lock.previous}; "
+                      "no longer running)", flush=True)
         init_path = resolve_init_from(config.init_from) if config.init_from and self.plan.checkpoint is None else None
         seed_everything(config.seed + dist_info.rank)
 
@@ -215,9 +218,8 @@ class Trainer:
             resume_step = 0
         compiled = config.compile_enabled(dist_info.device.type)
         self.numerics = run_numerics(dist_info.device, self.model.forward_dtype, compiled, dist_info.world_size)
-        self.run_dir, self.run_name, self.project_name = prepare_run_dir(config, dist_info, self.plan, self.numerics)
-        if dist_info.is_main and self._lock is None:
-            self._lock = _lock_run_dir(self.run_dir)
+        self.run_dir, self.run_name, self.project_name, new_lock = prepare_run_dir(config, dist_info, self.plan, self.numerics)
+        self._lock = self._lock or new_lock
         if self.plan.note and dist_info.is_main:
             print(f"note: {self.plan.note}", flush=True)
         for note in init_notes if dist_info.is_main else []:
@@ -340,6 +342,9 @@ class Trainer:
         except NonFiniteError:
             status = "stopped: non-finite"
             raise
+        except MetricsWriteError as error:
+            status = "stopped: metrics.jsonl could not be written"
+            raise RunDirError(f"{error.strerror}; training stopped at step {self.progress.step}: {self._kept_phrase()}") from None
         except BaseException as error:
             if status == "finished":
                 status = stopped_at_once_status(error) or f"failed: {type(error).__name__}"
@@ -357,6 +362,8 @@ class Trainer:
             if self.dist.is_main:
                 try:
                     atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+                except OSError as error:  # the disk that failed the run fails this too: say so, keep the first error
+                    print(f"note: summary.json not written ({write_failure(self.run_dir, error)})", flush=True)
                 finally:
                     if self.logger is not None:
                         self.logger.close()
@@ -566,6 +573,14 @@ class Trainer:
             f"losses, objectives or gradients (max_nonfinite_steps={self.config.max_nonfinite_steps}); they were skipped and "
             f"the run stopped without saving: {self._latest_checkpoint_phrase()}"
         )
+
+    def _kept_phrase(self) -> str:
+        """What a run stopped by a write failure kept: its newest checkpoint, and what is lost after it."""
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None:
+            return "no checkpoint had been written yet; free space and start again"
+        return (f"the newest checkpoint is {latest} (step {int(latest.stem.removeprefix('step_'))}); the steps after it are not saved. "
+                "Free space and resume with resume=true (they are recomputed identically)")
 
     def _latest_checkpoint_phrase(self) -> str:
         latest = latest_checkpoint(self.run_dir)
