@@ -158,6 +158,16 @@ def plan_run(config: TrainConfig, elastic: ElasticInfo) -> RunPlan:
     return RunPlan(own_dir, None, continues_run=False)
 
 
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Hold ``run_dir`` for this process (:mod:`training.run_lock`); a live holder is a :class:`RunDirError`."""
+    try:
+        return RunLock.acquire(run_dir)
+    except RunInUseError as error:
+        raise RunDirError(str(error)) from None
+    except OSError as error:
+        raise RunDirError(f"cannot lock the run directory {run_dir} ({error.strerror}); check its permissions") from None
+
+
 CLAIM_FILE = ".claimed"
 """Created exclusively (``O_EXCL``) by the one new run that owns a directory: of two runs started with
 the same name at the same moment, exactly one gets it and the other stops."""
@@ -204,10 +214,7 @@ def prepare_run_dir(
             run_dir.mkdir(parents=True, exist_ok=True)
             if not plan.continues_run:
                 _claim(run_dir)
-                try:
-                    locks.append(RunLock.acquire(run_dir))
-                except RunInUseError as error:
-                    raise RunDirError(str(error)) from None
+                locks.append(lock_run_dir(run_dir))
         except OSError as error:
             raise RunDirError(f"cannot create the run directory {run_dir} ({error.strerror}); check runs_root / run_dir") from None
         for folder in (run_dir, run_dir / "checkpoints"):

@@ -67,8 +67,8 @@ from training.numerics import run_numerics
 from training.optimizers import RunOptimizers
 from training.prefetch import TrainBatches
 from training.scalarizer_schedule import ScalarizerSchedule
-from training.run_dir import RunDirError, RunPlan, plan_run, prepare_run_dir
-from training.run_lock import RunInUseError, RunLock
+from training.run_dir import RunDirError, RunPlan, lock_run_dir, plan_run, prepare_run_dir
+from training.run_lock import RunLock
 from training.state import (
     Progress,
     capture_rng,
@@ -110,7 +110,7 @@ class Trainer:
         self.plan: RunPlan = decide_on_main(dist_info, lambda: plan_run(config, self.elastic))
         self._lock: RunLock | None = None  # rank 0 holds the run directory until the run ends (training.run_lock)
         if dist_info.is_main and self.plan.continues_run and self.plan.run_dir is not None and self.plan.run_dir.is_dir():
-            self._lock = _lock_run_dir(self.plan.run_dir)
+            self._lock = lock_run_dir(self.plan.run_dir)
             if self._lock.previous:
                 print(f"note: taking the run directory over from the process that last trained in it ({self._lock.previous}; "
                       "no longer running)", flush=True)
@@ -216,8 +216,8 @@ class Trainer:
             resume_step = self._restore(self.plan.checkpoint)
         elif self.plan.continues_run:
             resume_step = 0
-        compiled = config.compile_enabled(dist_info.device.type)
-        self.numerics = run_numerics(dist_info.device, self.model.forward_dtype, compiled, dist_info.world_size)
+        self.numerics = run_numerics(dist_info.device, self.model.forward_dtype, config.compile_enabled(dist_info.device.type),
+                                     dist_info.world_size)
         self.run_dir, self.run_name, self.project_name, new_lock = prepare_run_dir(config, dist_info, self.plan, self.numerics)
         self._lock = self._lock or new_lock
         if self.plan.note and dist_info.is_main:
@@ -762,15 +762,6 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=self.total_steps, initial=self.progress.step, desc=self.run_name, dynamic_ncols=True)
-
-
-def _lock_run_dir(run_dir: Path) -> RunLock:
-    try:
-        return RunLock.acquire(run_dir)
-    except RunInUseError as error:
-        raise RunDirError(str(error)) from None
-    except OSError as error:
-        raise RunDirError(f"cannot lock the run directory {run_dir} ({error.strerror}); check its permissions") from None
 
 
 def _grad_norm(params: list[Tensor]) -> Tensor:
