@@ -284,3 +284,34 @@ def aggregate(aggregator: Aggregator, jacobian: Tensor) -> tuple[Tensor, Tensor 
         weights = aggregator.weighting(jacobian)
         return weights.to(jacobian.dtype) @ jacobian, weights
     return aggregator(jacobian), None
+
+
+class AggregatorCache:
+    """The aggregator for a step's number of objectives ``m``, handed to the engines.
+
+    An aggregator that does not depend on ``m`` is built once and keeps its state; one whose kwargs are
+    sized by ``m`` is rebuilt (fresh state) whenever ``m`` changes.
+
+    Example:
+        >>> cache = AggregatorCache("upgrad", {}, split_name="iwrm_with_q_halt_in")
+        >>> cache.for_m(4) is cache.for_m(8)
+        True
+    """
+
+    def __init__(self, name: str, kwargs: dict[str, Any], *, split_name: str) -> None:
+        self.name, self.kwargs, self.split_name = name, kwargs, split_name
+        self._aggregator: Aggregator | None = None
+        self._m: int | None = None
+        if not needs_num_objectives(name, kwargs):
+            self._aggregator = build_aggregator(name, kwargs, num_objectives=2)
+
+    def for_m(self, m: int) -> Aggregator:
+        """The aggregator for ``m`` objectives; ``ValueError`` when its kwargs are sized for another ``m``."""
+        expected = expected_num_objectives(self.name, self.kwargs)
+        if expected is not None and expected != m:
+            raise ValueError(f"jd.aggregator_kwargs of {self.name} are sized for {expected} objectives, but jd.split={self.split_name} "
+                             f"gives m={m} here")
+        if self._aggregator is None or (self._m is not None and self._m != m):
+            self._aggregator = build_aggregator(self.name, self.kwargs, num_objectives=m)
+            self._m = m
+        return self._aggregator

@@ -7,14 +7,14 @@ weights (computed from the same ``G``, broadcast from rank 0) and the same param
 
 from __future__ import annotations
 
-from collections.abc import Callable
+
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torchjd.aggregation import Aggregator
 
-from jd.aggregators import aggregate, gramian_weighting
+
+from jd.aggregators import AggregatorCache, aggregate, gramian_weighting
 from jd.collective import Collective
 from jd.config import JDConfig
 from jd.update import JDUpdate, all_finite, flatten_blocks, gd_rows, jacobian_blocks, unflatten
@@ -30,11 +30,11 @@ def global_update(
     config: JDConfig,
     split_name: str,
     collective: Collective,
-    aggregator_for: Callable[[int], Aggregator],
+    aggregators: AggregatorCache,
 ) -> JDUpdate:
     """This rank's part of the update from the global Jacobian (see the module docstring).
 
-    ``aggregator_for(m)`` is called with the global ``m`` once every rank's objectives are known finite.
+    ``aggregators.for_m(m)`` is asked with the global ``m`` once every rank's objectives are known finite.
     """
     comm = collective
     world_size = comm.world_size
@@ -60,7 +60,7 @@ def global_update(
     offsets = [shared + sum(instance_counts[:r]) for r in range(world_size)]
     local_index = torch.cat([torch.arange(shared), torch.arange(offsets[rank], offsets[rank] + instance_counts[rank])]).to(device)
 
-    aggregator = aggregator_for(m)
+    aggregator = aggregators.for_m(m)
     inputs = params + jac_rows
     blocks = jacobian_blocks(objectives, inputs, config.parallel_chunk_size)
     param_matrix = flatten_blocks(blocks[: len(params)], local_m, objectives.detach())

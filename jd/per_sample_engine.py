@@ -9,13 +9,13 @@ second backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchjd.aggregation import Aggregator
 
-from jd.aggregators import gramian_weighting
+
+from jd.aggregators import AggregatorCache, gramian_weighting
 from jd.config import JDConfig
 from jd.splits import SplitSpec, bucket_matrix
 from jd.update import JDUpdate, all_finite, grads_of
@@ -34,11 +34,11 @@ def per_sample_update(
     leaves: Mapping[nn.Parameter, Tensor],
     config: JDConfig,
     generator: torch.Generator,
-    aggregator_for: Callable[[int], Aggregator],
+    aggregators: AggregatorCache,
 ) -> JDUpdate:
     """The update of one micro-batch whose forwards ran with the per-sample ``leaves`` of ``params``.
 
-    ``generator`` buckets the objectives when ``jd.n_groups`` is set; ``aggregator_for(m)`` is called
+    ``generator`` buckets the objectives when ``jd.n_groups`` is set; ``aggregators.for_m(m)`` is asked
     once the Gramian is known finite."""
     batch = steps[0].batch_size
     channels = [value for terms in steps for value in (terms.lm.sum(dim=1), terms.halting())]  # [B] each, step-major
@@ -63,7 +63,7 @@ def per_sample_update(
     gramian = coefficients @ inner @ coefficients.T
     if not all_finite(gramian):
         return JDUpdate(m)
-    aggregator = aggregator_for(m)
+    aggregator = aggregators.for_m(m)
     weighting = gramian_weighting(aggregator)
     assert weighting is not None
     weights = weighting(gramian).to(gramian.dtype)

@@ -60,8 +60,9 @@ Distributed (``world_size > 1``):
 Non-finite objectives, Gramian or update: the micro-batch adds nothing to ``.grad``, the step
 counts it (:attr:`JDStep.skipped_nonfinite`, metric ``jd/skipped_nonfinite``).
 
-Where the code lives: this module validates the configuration, picks the engine, dispatches the
-backward and accumulates the engine's :class:`jd.update.JDUpdate`; the maths of each engine is in
+Where the code lives: this module validates the configuration, picks the engine from
+:data:`jd.engines.ENGINES` (one protocol: the objectives and the aggregator are handed to it), runs GD and
+the scalarizers itself and accumulates the engines' :class:`jd.update.JDUpdate`; the maths of each engine is in
 :mod:`jd.per_sample_engine`, :mod:`jd.jacobian_engine` (``autojac``, ``gramian``, and the
 ``per_sample`` fallback), :mod:`jd.autogram_engine` and :mod:`jd.global_engine` (the exact global
 aggregation over ranks, on :mod:`jd.collective`).
@@ -70,34 +71,23 @@ aggregation over ranks, on :mod:`jd.collective`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torchjd.aggregation import Aggregator
-from torchjd.autogram import Engine
 
-from jd.aggregators import (
-    build_aggregator,
-    expected_num_objectives,
-    gramian_weighting,
-    needs_num_objectives,
-    validate_aggregator,
-)
-from jd.autogram_engine import ForwardCounter, autogram_update
+from jd.aggregators import AggregatorCache, build_aggregator, expected_num_objectives, gramian_weighting, validate_aggregator
 from jd.collective import Collective
 from jd.config import JDConfig
 from jd.diagnostics import diagnostics_from_update, diagnostics_from_weights
-from jd.global_engine import global_update
-from jd.jacobian_engine import local_update
-from jd.per_sample_engine import per_sample_update
+from jd.engines import AutogramEngine, Engine, SplitObjectives, build_engine
 from jd.scalarizers import ScalarizerStep, global_values, scalarized_backward, validate_scalarizer
-from jd.splits import SplitSpec, group_objectives, split_from_config
+from jd.splits import SplitSpec, split_from_config
 from jd.update import JDUpdate, accumulate_grad, unflatten
 from models.loss_terms import LossTerms
-from models.per_sample import per_sample_parameters
 
 PER_SAMPLE_SPLITS = frozenset(
     {
@@ -112,6 +102,14 @@ PER_SAMPLE_SPLITS = frozenset(
 """Splits whose objectives are linear in each sample's LM and halting losses (``jd.engine=per_sample``)."""
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """What :meth:`JDStep.finish` reports of an optimizer step's backward."""
+
+    skipped_nonfinite: bool
+    """Some micro-batch's objectives, Gramian or update were not finite, so it added nothing to ``.grad``."""
+
+
 class JDStep:
     """Fills ``.grad`` of the parameters and puzzle-embedding rows from the losses of a micro-batch.
 
@@ -124,22 +122,24 @@ class JDStep:
         self.split = split
         self.world_size = world_size
         self._collective = Collective(world_size, group)
-        self._generator = torch.Generator().manual_seed(config.seed)
+        self.objectives = SplitObjectives(split, config)
         self._skipped = 0
-        self._needs_finish_reduce = False
-        self._autogram: Engine | None = None
-        self._leaves: dict[nn.Parameter, Tensor] | None = None
-        self._forward_counts: ForwardCounter | None = None
-        self._aggregator: Aggregator | None = None
-        self._aggregator_m: int | None = None
-        self.engine = "gd"
+        self._skipped_at_finish = 0
         self.scalarizer: ScalarizerStep | None = None
+        self._engine: Engine | None = None
+        self.engine = self._choose_engine()
+        if self.engine not in ("gd", "scalarizer"):
+            aggregators = AggregatorCache(config.aggregator_name, config.aggregator_kwargs, split_name=split.name)
+            self._engine = build_engine(self.engine, config, self.objectives, aggregators, self._collective, exact_global=self.exact_global)
+
+    def _choose_engine(self) -> str:
+        """``jd.engine`` resolved (``auto``) and checked against the split, the aggregator and the ranks."""
+        config, split = self.config, self.split
         if split.is_gd:
-            return
+            return "gd"
         if config.scalarizer is not None:  # a loss-weighting baseline: one backward, GD's price
-            self.engine = "scalarizer"
             validate_scalarizer(config.scalarizer, config.scalarizer_kwargs)
-            return
+            return "scalarizer"
         validate_aggregator(config.aggregator_name, config.aggregator_kwargs)
         probe = build_aggregator(config.aggregator_name, config.aggregator_kwargs, num_objectives=2)
         gramian_capable = gramian_weighting(probe) is not None
@@ -147,28 +147,25 @@ class JDStep:
         shared_rows = config.puzzle_rows == "shared_in_stack" and split.is_supervision_stack
         per_sample_ok = split.name in PER_SAMPLE_SPLITS and gramian_capable and not self.exact_global and not shared_rows
         if config.engine == "auto":  # per-sample gradients pay off where the objectives are per instance
-            self.engine = "per_sample" if per_sample_ok and split.per_instance else "gramian" if gramian_capable else "autojac"
-        else:
-            self.engine = config.engine
-        if self.engine == "per_sample" and not per_sample_ok:
+            return "per_sample" if per_sample_ok and split.per_instance else "gramian" if gramian_capable else "autojac"
+        if config.engine == "per_sample" and not per_sample_ok:
             raise ValueError(
                 f"jd.engine=per_sample needs a split among {sorted(PER_SAMPLE_SPLITS)}, a Gramian-weighted aggregator "
                 "and no global aggregation (a single process, or jd.distributed=local with a per-instance split) "
                 f"(got jd.split={split.name}, jd.aggregator={config.aggregator_name}, {self.world_size} process(es)); "
                 "use jd.engine=auto"
             )
-        if self.engine in ("gramian", "autogram") and not gramian_capable:
+        if config.engine in ("gramian", "autogram") and not gramian_capable:
             raise ValueError(
-                f"jd.engine={self.engine} needs weights computed from the Gramian, but jd.aggregator={config.aggregator_name} "
+                f"jd.engine={config.engine} needs weights computed from the Gramian, but jd.aggregator={config.aggregator_name} "
                 "aggregates the Jacobian itself; use jd.engine=autojac (or auto)"
             )
-        if self.engine == "autogram" and self.exact_global:
+        if config.engine == "autogram" and self.exact_global:
             raise ValueError(
-                f"jd.engine=autogram computes only this rank's Gramian, but jd.split={split.name} with {world_size} ranks "
+                f"jd.engine=autogram computes only this rank's Gramian, but jd.split={split.name} with {self.world_size} ranks "
                 "needs the global one; use jd.engine=gramian (or auto), or jd.distributed=local for a per-instance split"
             )
-        if not needs_num_objectives(config.aggregator_name, config.aggregator_kwargs):
-            self._aggregator = probe  # never used yet, so a stateful aggregator starts fresh
+        return config.engine
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -184,30 +181,24 @@ class JDStep:
             return False
         return not self.split.per_instance or self.config.distributed == "global"
 
+    @property
+    def reduces_after(self) -> bool:
+        """The engine's gradients are rank-local: :meth:`finish` sums them over ranks (GD, scalarizers, and
+        every engine but the exact global aggregation)."""
+        return self._engine.reduces_after if self._engine is not None else True
+
     def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[Any]:
         """Wrap the forwards (and the :meth:`backward`) of one micro-batch: with ``jd.engine=per_sample``
         the model computes with per-sample weight leaves; a no-op for every other engine."""
-        if self.engine != "per_sample":
-            return contextlib.nullcontext()
-        return self._per_sample_scope(model, batch_size)
-
-    @contextlib.contextmanager
-    def _per_sample_scope(self, model: nn.Module, batch_size: int) -> Iterator[None]:
-        with per_sample_parameters(model, batch_size) as leaves:
-            self._leaves = leaves
-            try:
-                yield
-            finally:
-                self._leaves = None
+        return self._engine.forward_context(model, batch_size) if self._engine is not None else contextlib.nullcontext()
 
     def attach(self, *modules: nn.Module) -> None:
         """Hook the model's modules for ``jd.engine=autogram`` (before their forward); a no-op for other engines.
 
         Every forward of these modules under gradient must then feed the objectives (TorchJD's
         autogram engine refuses a forward without a backward)."""
-        if self.engine == "autogram":
-            self._autogram = Engine(*modules, batch_dim=None)
-            self._forward_counts = ForwardCounter(modules)
+        if isinstance(self._engine, AutogramEngine):
+            self._engine.attach(*modules)
 
     # --------------------------------------------------------------------------------- backward
     def backward(self, steps: Sequence[LossTerms], params: Sequence[Tensor], puzzle_rows: Sequence[Tensor]) -> dict[str, float]:
@@ -217,82 +208,20 @@ class JDStep:
         supervision stack). Returns ``jd/...`` metrics (empty for ``jd.split=none``).
         """
         if self.engine == "scalarizer":
-            objectives, shared = self._objectives(steps)
             if self.scalarizer is None:
                 raise RuntimeError("jd.scalarizer: call JDStep.build_scalarizer(m) before the first backward")
+            objectives, shared = self.objectives(steps)
             metrics = scalarized_backward(objectives, shared, self.scalarizer, self._collective)
-            self._needs_finish_reduce = True  # the weights' gradients are rank-local, as in GD
             return {**metrics, "jd/skipped_nonfinite": float(self._skipped)}
-        if self.split.is_gd:
+        if self._engine is None:  # GD
             total = steps[0].total()
             for terms in steps[1:]:
                 total = total + terms.total()
             total.backward()
-            self._needs_finish_reduce = True
             return {}
-
-        if self.engine == "per_sample" and self._leaves is not None:
-            params = [p for p in params if p.requires_grad]
-            rows = [r for r in puzzle_rows if r.requires_grad]
-            update = per_sample_update(
-                steps,
-                params,
-                rows,
-                split=self.split,
-                leaves=self._leaves,
-                config=self.config,
-                generator=self._generator,
-                aggregator_for=self._aggregator_for,
-            )
-            self._needs_finish_reduce = self.world_size > 1
-            return self._apply(update, params, rows)
-
-        objectives, shared = self._objectives(steps)
-        params = [p for p in params if p.requires_grad]
+        trained = [p for p in params if p.requires_grad]
         rows = [r for r in puzzle_rows if r.requires_grad]
-
-        if self.exact_global:
-            update = global_update(
-                objectives,
-                shared,
-                params,
-                rows,
-                engine=self.engine,
-                config=self.config,
-                split_name=self.split.name,
-                collective=self._collective,
-                aggregator_for=self._aggregator_for,
-            )
-        else:
-            aggregator = self._aggregator_for(objectives.shape[0])
-            if self.engine == "autogram":
-                update = autogram_update(
-                    objectives,
-                    params,
-                    rows,
-                    aggregator=aggregator,
-                    engine=self._autogram,
-                    counter=self._forward_counts,
-                    config=self.config,
-                )
-            else:
-                update = local_update(objectives, params, rows, aggregator=aggregator, engine=self.engine, config=self.config)
-            self._needs_finish_reduce = self.world_size > 1
-
-        return self._apply(update, params, rows)
-
-    def _objectives(self, steps: Sequence[LossTerms]) -> tuple[Tensor, int]:
-        """The split's objectives (bucketed by ``jd.n_groups``) and how many lead as shared ones."""
-        objectives = self.split.objectives(steps)
-        shared = self.split.shared_count(steps)
-        if self.config.n_groups is not None:
-            fully_shared = shared == objectives.shape[0]
-            groups = self.config.n_groups
-            if self.split.same_batch_loop:  # K, so m, shrinks when every sample halted early
-                groups = min(groups, objectives.shape[0])
-            objectives = group_objectives(objectives, groups, self._generator)
-            shared = objectives.shape[0] if fully_shared else 0
-        return objectives, shared
+        return self._apply(self._engine.update(steps, trained, rows), trained, rows)
 
     def prepare(
         self, *, batch_size: int, seq_len: int, H_cycles: int, halt_max_steps: int, grad_accum_steps: int, device: torch.device
@@ -367,7 +296,7 @@ class JDStep:
         """FAMO: its task-weight update from the objectives recomputed on the step's batch after the
         optimizer step (``steps`` from forwards without gradient). A no-op for other methods."""
         if self.scalarizer is not None and self.scalarizer.updates_after_step:
-            objectives, shared = self._objectives(steps)
+            objectives, shared = self.objectives(steps)
             self.scalarizer.update(global_values(objectives, shared, self._collective))
 
     def _apply(self, update: JDUpdate, params: list[Tensor], rows: list[Tensor]) -> dict[str, float]:
@@ -395,27 +324,19 @@ class JDStep:
         assert update.weights is not None
         return diagnostics_from_weights(update.gramian, update.weights)
 
-    def _aggregator_for(self, m: int) -> Aggregator:
-        """The aggregator for ``m`` objectives: rebuilt (fresh state) when ``m`` changes and its kwargs need it."""
-        expected = expected_num_objectives(self.config.aggregator_name, self.config.aggregator_kwargs)
-        if expected is not None and expected != m:
-            raise ValueError(
-                f"jd.aggregator_kwargs of {self.config.aggregator_name} are sized for {expected} objectives, "
-                f"but jd.split={self.split.name} gives m={m} here"
-            )
-        if self._aggregator is None or (self._aggregator_m is not None and self._aggregator_m != m):
-            self._aggregator = build_aggregator(self.config.aggregator_name, self.config.aggregator_kwargs, num_objectives=m)
-            self._aggregator_m = m
-        return self._aggregator
-
     # ----------------------------------------------------------------------------------- finish
-    def finish(self, params: Sequence[Tensor]) -> None:
+    def finish(self, params: Sequence[Tensor]) -> StepOutcome:
         """Once per optimizer step: SUM-all-reduce the parameter gradients that are still rank-local
-        (GD, or per-instance splits in ``local`` mode). A no-op with one process or when every
-        micro-batch was aggregated globally. Puzzle rows are left alone: their optimizer gathers them."""
-        if self.world_size == 1 or not self._needs_finish_reduce:
-            return
-        self._needs_finish_reduce = False
+        (GD, or per-instance splits in ``local`` mode); nothing to reduce with one process or when every
+        micro-batch was aggregated globally. Puzzle rows are left alone: their optimizer gathers them.
+        Returns whether a micro-batch of the step was skipped as non-finite."""
+        outcome = StepOutcome(skipped_nonfinite=self._skipped > self._skipped_at_finish)
+        self._skipped_at_finish = self._skipped
+        if self.world_size > 1 and self.reduces_after:
+            self._reduce_rank_local(params)
+        return outcome
+
+    def _reduce_rank_local(self, params: Sequence[Tensor]) -> None:
         params = [p for p in params if p.requires_grad]
         if not params:
             return
@@ -434,15 +355,15 @@ class JDStep:
     def state_dict(self) -> dict[str, Any]:
         """The step's own state: the bucketing generator and the skip count (stateful aggregators
         such as ``gradvac`` or ``nash_mtl`` restart their internal state on resume)."""
-        state = {"generator": self._generator.get_state(), "skipped_nonfinite": self._skipped}
+        state = {"generator": self.objectives.generator.get_state(), "skipped_nonfinite": self._skipped}
         if self.scalarizer is not None:
             state["scalarizer"] = self.scalarizer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (a scalarizer's state when both have one)."""
-        self._generator.set_state(state["generator"])
-        self._skipped = int(state["skipped_nonfinite"])
+        self.objectives.generator.set_state(state["generator"])
+        self._skipped = self._skipped_at_finish = int(state["skipped_nonfinite"])
         if self.scalarizer is not None and state.get("scalarizer") is not None:
             self.scalarizer.load_state_dict(state["scalarizer"])
 

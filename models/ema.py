@@ -27,6 +27,10 @@ class EMA:
         self.rate = rate
         self.shadow: dict[str, Tensor] = {name: value.detach().clone() for name, value in _float_state(model)}
 
+    def reset(self, model: nn.Module) -> None:
+        """Start the average again from ``model``'s current weights."""
+        self.shadow = {name: value.detach().clone() for name, value in _float_state(model)}
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for name, value in _float_state(model):

@@ -389,7 +389,7 @@ def test_a_nonfinite_step_is_skipped_without_touching_any_state(case: str, sudok
     assert_identical(before, after)  # no weight, puzzle-embedding row, optimizer moment or EMA moved
     assert all(torch.isfinite(v).all() for v in trainer.ema.state_dict().values())
     assert trainer.model.puzzle_embedding.pending_rows() == []
-    assert all(carry is None or torch.isfinite(carry.latent.z_H).all() for carry in trainer.carries)
+    assert all(carry is None or torch.isfinite(carry.latent.z_H).all() for carry in trainer.supervision.carries)
 
     metrics = trainer.step()  # healthy again: the next step trains
     assert metrics["train/skipped_nonfinite"] == 1 and trainer.progress.consecutive_nonfinite == 0

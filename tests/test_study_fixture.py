@@ -22,7 +22,8 @@ from tests.conftest import REPO, compose
 from training.config import ConfigError
 from training.distributed import DistInfo
 from training.reference_checkpoint import map_reference_state
-from training.trainer import SUM_METRICS, Trainer
+from training.train_metrics import SUM_METRICS
+from training.trainer import Trainer
 
 FIXTURE = REPO / "tests" / "fixtures" / "jd_study"
 RECORD = torch.load(FIXTURE / "cases.pt", weights_only=True)
@@ -180,9 +181,9 @@ def test_the_preset_counts_hard_examples_as_the_study(name: str, study_data: Pat
     for counts in json.loads(case["counts"]):
         for identifier, (seen, correct) in counts.items():
             expected[:, int(identifier)] += torch.tensor([seen, correct], dtype=torch.float64)
-    assert trainer.sampler is not None
-    trainer.sampler.sync()
-    assert torch.equal(trainer.sampler.totals, expected)
+    assert trainer.data.sampler is not None
+    trainer.data.sampler.sync()
+    assert torch.equal(trainer.data.sampler.totals, expected)
     assert expected[0].sum() > 0
 
 
@@ -198,9 +199,9 @@ def test_a_stack_from_a_trained_q_head_runs_the_studys_k_and_drops_the_head(stud
     settings = json.loads(case["settings"])
     trainer = study_trainer(settings, study_data, tmp_path)
     assert trainer.model.core.q_head is None
-    sums, metrics = trainer.accumulate_gradients([{key: value.long() for key, value in case["batches"][0].items()}])
-    assert metrics[0]["jd/num_objectives"] == ARCH["halt_max_steps"]  # K = halt_max_steps, every step
-    assert dict(zip(SUM_METRICS, sums.tolist()))["sample_steps"] == 4 * ARCH["halt_max_steps"]
+    result = trainer.accumulate_gradients([{key: value.long() for key, value in case["batches"][0].items()}])
+    assert result.jd_metrics["jd/num_objectives"] == ARCH["halt_max_steps"]  # K = halt_max_steps, every step
+    assert dict(zip(SUM_METRICS, result.sums.tolist()))["sample_steps"] == 4 * ARCH["halt_max_steps"]
 
 
 def _gd_grads(trainer: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -120,7 +120,7 @@ def test_the_same_batch_loop_reads_one_batch_and_stops_when_all_halted(sudoku_da
     assert trainer.batches_per_step == 1 and trainer.supervision_steps == 3
     metrics = trainer.step()
     assert metrics["jd/num_objectives"] == 3 and trainer.progress.batch_in_iteration == 1  # one batch for three steps
-    carry = trainer.carries[0]  # every sample halted: the next step loads its own batch whole (a fresh start)
+    carry = trainer.supervision.carries[0]  # every sample halted: the next step loads its own batch whole (a fresh start)
     assert carry is not None and bool(carry.halted.all())
     with torch.no_grad():
         trainer.model.core.q_head.bias.fill_(10.0)  # every sample halts at its first step
@@ -181,17 +181,17 @@ def test_custom_sampling_counts_halted_samples_and_reweights_the_next_iteration(
     trainer = _trainer(data, tmp_path, custom_sampling=True, global_batch_size=4, epochs=2, eval_interval=1, run_name="hard",
                        **{"arch.halt_max_steps": 1})
     halted = exact = 0
-    for _ in range(trainer.train_data.num_train_batches(0)):
+    for _ in range(trainer.data.train.num_train_batches(0)):
         metrics = trainer.step()
         halted += metrics["train/halted_count"]
         exact += metrics.get("train/exact_accuracy", 0.0) * metrics["train/halted_count"]
         assert metrics["train/sampling_weight_min"] == 1.0  # the first iteration samples uniformly
     metrics = trainer.step()  # crosses into iteration 1: the weights come from iteration 0's counts
-    seen, correct = trainer.sampler.boundary
+    seen, correct = trainer.data.sampler.boundary
     assert seen.sum() == halted and correct.sum() == pytest.approx(exact) and 0 < exact < halted
     expected = 1 - correct.numpy() / (seen.numpy() + 1)
-    weights = trainer.train_data.puzzle_weights()
-    np.testing.assert_allclose(weights, expected[trainer.train_data._puzzle_identifiers])
+    weights = trainer.data.train.puzzle_weights()
+    np.testing.assert_allclose(weights, expected[trainer.data.train._puzzle_identifiers])
     assert weights.min() < 1.0 and metrics["train/sampling_weight_min"] == weights.min()
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from training.config import ConfigError
+from training.interrupt import StopSignals
 
 T = TypeVar("T")
 
@@ -128,3 +129,14 @@ def broadcast_module_(module: torch.nn.Module, world_size: int) -> None:
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor, src=0)
+
+
+def stop_requested(signals: StopSignals, world_size: int, device: torch.device) -> str | None:
+    """The signal any rank received (SIGTERM/SIGINT), agreed by all ranks with one small all-reduce per step."""
+    received = signals.received
+    if world_size > 1:
+        flag = torch.tensor([1.0 if received else 0.0], device=device)
+        dist.all_reduce(flag)
+        if flag.item() > 0 and received is None:
+            received = "a signal on another rank"
+    return received

@@ -73,6 +73,17 @@ class HardExampleSampler:
         self._pending[0].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
         self._pending[1].index_add_(0, ids, (halted & exact).to(torch.float64))
 
+    def record(self, carried: Tensor, incoming: Tensor, halted: Tensor, exact: Tensor, *, in_stack: bool, after_stack: bool) -> None:
+        """Count one supervision step by this sampler's rule, called after every step and once more after a
+        supervision stack (``after_stack``): ``carried`` are the identifiers of the carry's samples,
+        ``incoming`` those of the batch fed. Rule ``halted`` counts halted samples by their own identifier at
+        every step; rule ``study`` credits the incoming batch, once per stack (``in_stack``) or per step."""
+        if self.rule == "halted":
+            if not after_stack:
+                self.observe(carried, halted, exact)
+        elif after_stack or not in_stack:
+            self.observe_incoming(incoming, halted, exact)
+
     def sync(self) -> None:
         """Add every rank's counts since the last call to :attr:`totals` (a collective when distributed)."""
         if self.world_size > 1:

@@ -96,3 +96,4 @@ def _say(message: str) -> None:
         os.write(2, message.encode())
     except OSError:
         pass
+

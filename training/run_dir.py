@@ -158,6 +158,19 @@ def plan_run(config: TrainConfig, elastic: ElasticInfo) -> RunPlan:
     return RunPlan(own_dir, None, continues_run=False)
 
 
+def claim_run(config: TrainConfig, dist_info: DistInfo, elastic: ElasticInfo) -> tuple[RunPlan, RunLock | None]:
+    """Decide where the run writes and what it restores (rank 0 for all, no side effects), and lock a run
+    directory that is continued (rank 0 holds it until the run ends); a new one is locked when created."""
+    plan = decide_on_main(dist_info, lambda: plan_run(config, elastic))
+    lock = None
+    if dist_info.is_main and plan.continues_run and plan.run_dir is not None and plan.run_dir.is_dir():
+        lock = lock_run_dir(plan.run_dir)
+        if lock.previous:
+            print(f"note: taking the run directory over from the process that last trained in it ({lock.previous}; no longer running)",
+                  flush=True)
+    return plan, lock
+
+
 def lock_run_dir(run_dir: Path) -> RunLock:
     """Hold ``run_dir`` for this process (:mod:`training.run_lock`); a live holder is a :class:`RunDirError`."""
     try:

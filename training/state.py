@@ -30,6 +30,16 @@ class Progress:
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    def state_dict(self) -> dict[str, int]:
+        """The record as plain ints (the checkpoint's ``progress``)."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the saved record's values, in place (components hold this object)."""
+        loaded = Progress.from_dict(state)
+        for field in fields(self):
+            setattr(self, field.name, getattr(loaded, field.name))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Progress:
         known = {f.name for f in fields(cls)}

@@ -1,0 +1,108 @@
+"""Building a run's components from its validated config, each failure a :class:`ConfigError` naming the
+setting, raised before the first step (the trainer only wires what these return)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dataset.common import DatasetError
+from evaluators.base import Evaluator
+from jd.autogram_engine import check_autogram_fits
+from jd.splits import validate_split
+from jd.step import JDStep, build_jd_step
+from models.losses import ACTLossHead
+from models.recursive_reasoning.act import ACTModel
+from models.registry import build_model
+from training.config import ConfigError, TrainConfig
+from training.data_feed import DataFeed
+from training.distributed import DistInfo, broadcast_module_
+from training.evaluation import build_evaluators
+from training.init_weights import init_weights_from
+from training.optimizers import RunOptimizers
+from training.state import preserved_rng
+from training.supervision import SupervisionLoop
+
+
+def jd_step_for(config: TrainConfig, dist_info: DistInfo, data: DataFeed) -> JDStep:
+    """The JD (or GD) backward step, checked against the architecture and sized for the data; prints a cost note."""
+    meta, arch = data.train.metadata, config.arch
+    try:
+        validate_split(
+            config.jd, halt_max_steps=arch.halt_max_steps, H_cycles=arch.H_cycles, no_ACT_continue=arch.no_ACT_continue,
+            batch_size=data.micro_batch, seq_len=meta.seq_len, no_act=arch.no_act,
+            puzzle_rows_only=config.freeze_weights and config.jd.frozen_weights == "left_out",
+        )
+        if config.compile_enabled(dist_info.device.type):
+            config.jd.check_compilable()
+        step = build_jd_step(config.jd, world_size=dist_info.world_size, halt_max_steps=arch.halt_max_steps)
+        cost = step.prepare(batch_size=data.micro_batch, seq_len=meta.seq_len, H_cycles=arch.H_cycles, halt_max_steps=arch.halt_max_steps,
+                            grad_accum_steps=config.grad_accum_steps, device=dist_info.device)
+    except (ValueError, ImportError) as error:  # ImportError: an aggregator's optional solver is missing
+        raise ConfigError(str(error)) from None
+    if cost and dist_info.is_main:
+        print(f"note: {cost}", flush=True)
+    return step
+
+
+def model_for(config: TrainConfig, dist_info: DistInfo, data: DataFeed, init_path: Path | None) -> tuple[ACTModel, list[str]]:
+    """The model for the data's sizes, with ``init_from``'s weights when given (every rank reads them, so a bad
+    file fails everywhere at once), then rank 0's weights on every rank. Returns it and the loading notes."""
+    meta = data.train.metadata
+    try:
+        model = build_model(config.arch, seq_len=meta.seq_len, vocab_size=meta.vocab_size,
+                            num_puzzle_identifiers=meta.num_puzzle_identifiers, device=dist_info.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    notes = init_weights_from(model, init_path, config.model_dump(mode="json")) if init_path is not None else []
+    broadcast_module_(model, dist_info.world_size)
+    return model, notes
+
+
+def loss_head_for(config: TrainConfig, model: ACTModel) -> ACTLossHead:
+    return ACTLossHead(model, config.arch.loss_type, differential_loss=config.jd.differential_loss,
+                       differential_across_samples=config.jd.differential_first_step == "replaced_sample")
+
+
+def check_autogram(config: TrainConfig, loop: SupervisionLoop, seq_len: int, device: torch.device) -> None:
+    """``jd.engine=autogram`` cannot differentiate a module used twice per backward (the TRM's recursion,
+    supervision stacks): find out on one sample, with the RNG left as it was, before training starts."""
+    sample = {
+        "inputs": torch.zeros(1, seq_len, dtype=torch.long, device=device),
+        "labels": torch.zeros(1, seq_len, dtype=torch.long, device=device),
+        "puzzle_identifiers": torch.zeros(1, dtype=torch.long, device=device),
+    }
+    model = loop.loss_head.model
+    try:
+        with preserved_rng():
+            check_autogram_fits([model], lambda: loop.probe(sample))
+    except ValueError as error:
+        raise ConfigError(f"arch={config.arch.name} with jd.split={config.jd.split}: {error}") from None
+    finally:
+        if model.puzzle_embedding is not None:
+            model.puzzle_embedding.clear_pending()
+
+
+def optimizers_for(config: TrainConfig, model: ACTModel, dist_info: DistInfo, jd_step: JDStep) -> RunOptimizers:
+    """Adam-atan2 for the weights (and a scalarizer's parameters), sign-SGD for the puzzle embedding."""
+    scalarizer = jd_step.scalarizer
+    try:
+        return RunOptimizers(
+            model, lr=config.lr, puzzle_emb_lr=config.puzzle_emb_lr, betas=(config.beta1, config.beta2),
+            weight_decay=config.weight_decay, puzzle_emb_weight_decay=config.puzzle_emb_weight_decay,
+            world_size=dist_info.world_size, freeze_weights=config.freeze_weights,
+            frozen_in_jacobian=config.jd.frozen_weights == "in_jacobian" and not jd_step.split.is_gd,
+            extra_params=list(scalarizer.parameters()) if scalarizer is not None else None,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def evaluators_for(config: TrainConfig) -> list[Evaluator]:
+    try:
+        return build_evaluators(config.evaluators, config.eval_paths)
+    except DatasetError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"evaluators: {error}") from None
