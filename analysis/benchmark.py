@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from jd.config import JDConfig
+from jd.splits import method_of
 from jd.step import build_jd_step
 from jd.projector import PivotingProjector
 from models.losses import ACTLossHead
@@ -195,7 +196,7 @@ def run_variant(
     return Result(
         variant=name,
         split=jd_config.split,
-        aggregator=jd_config.method,
+        aggregator=method_of(jd_config),
         engine=getattr(jd_step, "engine", "?"),
         objectives=int(last_metrics.get("jd/num_objectives", 1)),
         supervision_steps=supervision,

@@ -31,10 +31,11 @@ from analysis.plot_gd_similarity import (GD_SIMILARITY, build_curves, draw_curve
                                          ensure_writable, label_fields_arg, positive_int_arg, save_figure)
 from analysis.report import Image, Paragraph, Table, figure_png, render_html
 from analysis.runs import (DEFAULT_GROUP_BY, FINISHED, AnalysisError, Run, group_name, group_runs,
-                           label_sort_key, load_runs)
+                           label_sort_key)
+from analysis.sources import load_runs
 from analysis.stats import CONFIDENCE, Difference, difference, mean_interval
 from analysis.wandb_source import WandbUnavailableError, create_wandb_report, parse_wandb_source
-from training.checkpoint import write_failure
+from dataset.atomic import write_failure
 from training.numerics import numerics_differences
 
 SUMMARY_MARKDOWN = "summary.md"

@@ -24,8 +24,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analysis.runs import (DEFAULT_GROUP_BY, AnalysisError, Run, group_name, group_runs, load_runs,
-                           parse_label_fields)
+from analysis.runs import DEFAULT_GROUP_BY, AnalysisError, Run, group_name, group_runs, parse_label_fields
+from analysis.sources import load_runs
 from analysis.wandb_source import WandbUnavailableError
 
 GD_SIMILARITY = "jd/gd_similarity"

@@ -403,7 +403,7 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def _run_dirs_for(item: str) -> list[Path]:
+def run_dirs_for(item: str) -> list[Path]:
     """The run directories one command-line argument names (a path or a glob pattern)."""
     if _GLOB_CHARACTERS & set(item):
         matches = sorted(glob.glob(item, recursive=True))
@@ -427,36 +427,3 @@ def _run_dirs_for(item: str) -> list[Path]:
         raise RunLoadError(f"no run directory (a folder with {METRICS_FILE} and {CONFIG_FILE}) "
                            f"found in or below {item}")
     return dirs
-
-
-def load_runs(paths_or_globs: Sequence[str | os.PathLike[str]], progress: bool = True) -> list[Run]:
-    """Load every run the arguments name, in argument order, each run once.
-
-    Each item is a run directory, a folder searched for run directories, a glob pattern (``**``
-    allowed), or a W&B source ``wandb:ENTITY/PROJECT``, ``wandb:ENTITY/PROJECT/RUN_ID`` or
-    ``wandb:ENTITY/PROJECT@GROUP``. Raises ``RunLoadError`` naming the first item that holds no run.
-    """
-    if not paths_or_globs:
-        raise RunLoadError("no runs given; pass run directories, folders holding runs, or glob patterns")
-    local_dirs: list[Path] = []
-    wandb_sources: list[str] = []
-    for item in map(str, paths_or_globs):
-        if item.startswith(WANDB_PREFIX):
-            wandb_sources.append(item)
-        else:
-            local_dirs.extend(_run_dirs_for(item))
-    unique_dirs = list(dict.fromkeys(d.resolve() for d in local_dirs))
-    runs = []
-    with tqdm(unique_dirs, desc="reading runs", unit="run", disable=not progress or not unique_dirs, file=sys.stderr) as bar:
-        for run_dir in bar:
-            try:
-                runs.append(load_run_dir(run_dir))
-            except RunLoadError:
-                bar.leave = False  # the bar's fragment goes, so the error line that follows stands alone
-                raise
-    if wandb_sources:
-        from analysis.wandb_source import load_wandb_runs  # imports wandb only when asked for
-
-        for source in wandb_sources:
-            runs.extend(load_wandb_runs(source, progress=progress))
-    return runs

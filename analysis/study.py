@@ -30,7 +30,8 @@ from typing import Sequence
 
 from analysis.compare import compare
 from analysis.plot_gd_similarity import GD_SIMILARITY, plot_gd_similarity, split_by_metric
-from analysis.runs import AnalysisError, load_runs
+from analysis.runs import AnalysisError
+from analysis.sources import load_runs
 
 RUNS_FOLDER = "runs"
 REPORT_FOLDER = "report"

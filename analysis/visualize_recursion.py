@@ -4,7 +4,7 @@
     python -m analysis.visualize_recursion runs/arc1/run --puzzle 00576224 --out 00576224.png
     python -m analysis.visualize_recursion CHECKPOINT --data data/maze12 --split train --index 0 --no-ema
 
-The model is rebuilt from the checkpoint (as :mod:`evaluators.run` does, EMA weights by default when
+The model is rebuilt from the checkpoint (as :mod:`analysis.evaluate` does, EMA weights by default when
 the run kept them) and run in eval mode one supervision step at a time, ``arch.halt_max_steps``
 steps. The figure shows the input, the prediction (argmax tokens) after each step and the target.
 Each step's panel says its step, the halting probability ``sigmoid(q_halt)`` and whether the answer
@@ -37,7 +37,7 @@ from matplotlib.patches import Patch, Polygon, Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from dataset.common import BLANK_IDENTIFIER, DatasetError, DatasetMetadata, read_identifiers, read_metadata, read_split  # noqa: E402
-from evaluators.run import (  # noqa: E402
+from analysis.evaluate import (  # noqa: E402
     USER_ERRORS,
     EvalInputError,
     check_dataset_fits,

@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from analysis.runs import UNKNOWN, WANDB_PREFIX, MetricTable, Run
+from training.wandb_credentials import DEFAULT_BASE_URL, find_wandb_credentials
 
-DEFAULT_BASE_URL = "https://api.wandb.ai"
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 _NAME = r"[A-Za-z0-9_.\-]+"
 _SOURCE_PATTERN = re.compile(rf"^({_NAME})/({_NAME})(?:/({_NAME})|@(.+))?$")
@@ -61,26 +61,6 @@ def parse_wandb_source(text: str) -> WandbSource:
                          "wandb:ENTITY/PROJECT/RUN_ID, wandb:ENTITY/PROJECT@GROUP")
     entity, project, run_id, group = match.groups()
     return WandbSource(entity=entity, project=project, run_id=run_id, group=group)
-
-
-def find_wandb_credentials(environ: Mapping[str, str] | None = None) -> str | None:
-    """Where W&B credentials were found (a short description), or None; reads no network, never prompts."""
-    environ = os.environ if environ is None else environ
-    if environ.get("WANDB_API_KEY"):
-        return "WANDB_API_KEY"
-    if environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return "WANDB_IDENTITY_TOKEN_FILE"
-    netrc_path = Path(environ["NETRC"]) if environ.get("NETRC") else \
-        Path(environ.get("HOME", str(Path.home()))) / ".netrc"
-    host = urlparse(environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)).hostname or ""
-    if netrc_path.is_file():
-        try:
-            entry = netrc.netrc(str(netrc_path)).authenticators(host)
-        except (netrc.NetrcParseError, OSError):
-            entry = None
-        if entry is not None and entry[2]:
-            return str(netrc_path)
-    return None
 
 
 def wandb_unavailable_reason(environ: Mapping[str, str] | None = None) -> str | None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from dataset.common import ARRAY_NAMES, SPLITS, DatasetError, DatasetMetadata, SplitArrays, SplitInfo
+from dataset.metadata import ARRAY_NAMES, SPLITS, DatasetError, DatasetMetadata, SplitArrays, SplitInfo
 
 SPLIT_METADATA_FILE = "dataset.json"
 REQUIRED_FIELDS = (

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from dataset.arc_augment import Augmentation, parse_name, tokens_to_grid
 from dataset.common import DatasetError, DatasetMetadata, concatenated_index, read_identifiers, read_metadata, read_split_parts
-from training.atomic import atomic_write_text
+from dataset.atomic import atomic_write_text
 
 BLANK_SUBMISSION_GRID = [[0]]
 

@@ -123,16 +123,6 @@ class JDConfig(BaseModel):
         """The aggregator in use: ``jd.aggregator``, or ``upgrad`` when none was named."""
         return self.aggregator or "upgrad"
 
-    @property
-    def method(self) -> str:
-        """``gd``, ``aggregator:NAME`` or ``scalarizer:NAME``: how the objectives become one update (``gd`` for
-        a split with one objective, e.g. ``stack_supervisions_and_sum``: every aggregator returns its gradient)."""
-        from jd.splits import single_objective
-
-        if self.split == "none" or (self.scalarizer is None and single_objective(self.split)):
-            return "gd"
-        return f"scalarizer:{self.scalarizer}" if self.scalarizer else f"aggregator:{self.aggregator_name}"
-
     def check_compilable(self) -> None:
         """Raise ``ValueError`` if a ``torch.compile``-d model cannot run this config: ``torch.vmap``
         (``parallel_chunk_size`` other than 1) cannot run a compiled backward."""

@@ -136,6 +136,18 @@ def single_objective(name: str) -> bool:
     return entry is not None and all(entry.num_objectives(B, S, H, K, options) == 1 for B, S, H, K in ((2, 3, 2, 2), (5, 7, 3, 4)))
 
 
+def method_of(config: JDConfig) -> str:
+    """``gd``, ``aggregator:NAME`` or ``scalarizer:NAME``: how ``config``'s objectives become one update (``gd``
+    for a split with one objective, e.g. ``stack_supervisions_and_sum``: every aggregator returns its gradient).
+
+    >>> method_of(JDConfig(split="iwrm_with_q_halt_in", scalarizer="famo")), method_of(JDConfig(split="stack_supervisions_and_sum"))
+    ('scalarizer:famo', 'gd')
+    """
+    if config.split == "none" or (config.scalarizer is None and single_objective(config.split)):
+        return "gd"
+    return f"scalarizer:{config.scalarizer}" if config.scalarizer else f"aggregator:{config.aggregator_name}"
+
+
 def _single(steps: Sequence[LossTerms], name: str) -> LossTerms:
     if len(steps) != 1:
         raise ValueError(f"split {name!r} takes the losses of one supervision step, got {len(steps)}")

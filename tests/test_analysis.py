@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 from analysis.compare import STATISTICS, compare, summarize
 from analysis.plot_gd_similarity import (MissingMetricError, OutputExistsError, build_curves, mean_curve,
                                          moving_average, plot_gd_similarity)
-from analysis.runs import (DEFAULT_GROUP_BY, NO_SUMMARY, AnalysisError, MetricTable, RunLoadError, group_runs, load_run_dir, load_runs,
+from analysis.runs import (DEFAULT_GROUP_BY, NO_SUMMARY, AnalysisError, MetricTable, RunLoadError, group_runs, load_run_dir,
                            parse_label_fields, read_metrics_file)
+from analysis.sources import load_runs
 from analysis.wandb_source import (WandbUnavailableError, ensure_wandb_available, find_wandb_credentials,
                                    parse_wandb_source, run_from_history, wandb_unavailable_reason)
 

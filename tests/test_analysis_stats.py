@@ -15,7 +15,8 @@ from scipy import stats as scipy_stats
 
 import analysis.stats
 from analysis.compare import compare, main as compare_main
-from analysis.runs import NO_SUMMARY, load_runs
+from analysis.runs import NO_SUMMARY
+from analysis.sources import load_runs
 from analysis.stats import difference, mean_interval
 
 T_975_DF4 = 2.7764451051977987  # Student's t quantile 0.975 with 4 degrees of freedom (tables: 2.776)

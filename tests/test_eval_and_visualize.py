@@ -1,4 +1,4 @@
-"""Standalone evaluation (``python -m evaluators.run``) and the recursion visualiser, on real tiny runs."""
+"""Standalone evaluation (``python -m analysis.evaluate``) and the recursion visualiser, on real tiny runs."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from analysis.visualize_recursion import main as visualize_main
 from dataset.arc_augment import tokens_to_grid
 from dataset.common import read_metadata
 from dataset.puzzle_dataset import PuzzleDataset
-from evaluators.run import load_for_evaluation
-from evaluators.run import main as evaluate_main
+from analysis.evaluate import load_for_evaluation
+from analysis.evaluate import main as evaluate_main
 from models.loss_terms import IGNORE_LABEL_ID
 from models.registry import build_model
 from pretrain import run
@@ -222,8 +222,8 @@ def test_torchrun_with_two_processes_gives_the_single_process_metrics(runs: dict
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "evaluators.run"]
-    for out, launcher in ((tmp_path / "two", command), (tmp_path / "one", [sys.executable, "-m", "evaluators.run"])):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "analysis.evaluate"]
+    for out, launcher in ((tmp_path / "two", command), (tmp_path / "one", [sys.executable, "-m", "analysis.evaluate"])):
         result = subprocess.run(
             [*launcher, str(runs["ema"]), "--device", "cpu", "--quiet", "--out", str(out)],
             cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -358,7 +358,7 @@ def test_visualiser_bad_arc_puzzles(arc_run: Path, arc_data: Path, capsys: pytes
 
 def test_evaluation_shows_progress_over_examples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A long evaluation is never a silent 0/1: the bar counts test examples (here 6, in 2 batches of 4)."""
-    from evaluators.run import main as evaluate_cli_main
+    from analysis.evaluate import main as evaluate_cli_main
 
     fixture = Path(__file__).resolve().parent / "fixtures" / "reference"
     status = evaluate_cli_main([str(fixture / "checkpoints" / "hrm_sudoku"), "--data", str(fixture / "sudoku"), "--batch-size", "4",

@@ -10,6 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from jd.config import JDConfig
+from jd.splits import method_of
 from jd.scalarizers import ScalarizerStep, scalarizer_names
 from jd.step import build_jd_step
 from pretrain import run
@@ -47,8 +48,8 @@ def test_bad_scalarizers_are_refused_with_the_accepted_values(kwargs: dict, mess
 def test_an_aggregator_and_a_scalarizer_together_are_refused() -> None:
     with pytest.raises(ValidationError, match="give one"):
         JDConfig(split="iwrm_with_q_halt_in", aggregator="upgrad", scalarizer="famo")
-    assert JDConfig(split="iwrm_with_q_halt_in", scalarizer="famo").method == "scalarizer:famo"
-    assert JDConfig(split="iwrm_with_q_halt_in").method == "aggregator:upgrad"
+    assert method_of(JDConfig(split="iwrm_with_q_halt_in", scalarizer="famo")) == "scalarizer:famo"
+    assert method_of(JDConfig(split="iwrm_with_q_halt_in")) == "aggregator:upgrad"
 
 
 def _toy_step(scalarizer: str, split: str = "iwrm_with_q_halt_in", **kwargs: object):

@@ -18,9 +18,9 @@ import torch
 from dataset.common import DatasetError, read_metadata
 from dataset.puzzle_dataset import PuzzleDataset
 from evaluators.arc import ARCEvaluator
-from evaluators.export import export
-from evaluators.run import main as evaluate_main
-from evaluators.run import model_from_checkpoint, read_checkpoint
+from analysis.export import export
+from analysis.evaluate import main as evaluate_main
+from analysis.evaluate import model_from_checkpoint, read_checkpoint
 from pretrain import run
 from tests.conftest import compose, tiny_overrides
 from training.checkpoint import CheckpointError, list_checkpoints, read_state

@@ -10,7 +10,8 @@ import torch
 
 from pretrain import run
 from tests.conftest import compose, tiny_overrides
-from training.checkpoint import CheckpointError, list_checkpoints, save_checkpoint, write_failure
+from dataset.atomic import write_failure
+from training.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 
 
 def test_the_cause_is_named(tmp_path: Path) -> None:
@@ -34,7 +35,7 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_earlier_ones(sudoku_data:
 
 def test_evaluation_into_an_unwritable_place_fails_before_it_starts(sudoku_data: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from evaluators.run import main as evaluate_main
+    from analysis.evaluate import main as evaluate_main
 
     summary = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="e", max_steps=2)))
     capsys.readouterr()
@@ -47,9 +48,9 @@ def test_evaluation_into_an_unwritable_place_fails_before_it_starts(sudoku_data:
 
 
 def test_an_output_path_that_is_a_file_is_one_error(sudoku_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """evaluators.export and analysis.study name the file instead of a traceback; the file is untouched."""
+    """analysis.export and analysis.study name the file instead of a traceback; the file is untouched."""
     from analysis.study import main as study_main
-    from evaluators.export import main as export_main
+    from analysis.export import main as export_main
 
     summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="src")))
     a_file = tmp_path / "a_file"
@@ -90,7 +91,8 @@ def test_a_comparison_that_cannot_be_written_is_one_error_and_leaves_nothing_hal
     import os
 
     from analysis.compare import compare
-    from analysis.runs import AnalysisError, load_runs
+    from analysis.runs import AnalysisError
+    from analysis.sources import load_runs
 
     summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="cmp")))
     runs = load_runs([summary["run_dir"]], progress=False)
@@ -111,7 +113,7 @@ def test_builders_exports_and_pictures_that_cannot_be_written_are_one_error(sudo
     """A place that cannot be written (here under /proc) gives one error line, no traceback, nothing left behind."""
     from analysis.visualize_recursion import main as visualize_main
     from dataset.build_sudoku_dataset import main as build_main
-    from evaluators.export import main as export_main
+    from analysis.export import main as export_main
 
     summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="w")))
     capsys.readouterr()

@@ -2,7 +2,7 @@
 
 A checkpoint is ``RUN_DIR/checkpoints/step_XXXXXXXX.pt``: a dict of tensors, numbers, strings, lists
 and dicts only, so ``torch.load(..., weights_only=True)`` can read it without running pickled code.
-Writes go to a temporary file that is fsynced and renamed (:mod:`training.atomic`), so a crash at any
+Writes go to a temporary file that is fsynced and renamed (:mod:`dataset.atomic`), so a crash at any
 moment leaves the previous checkpoints intact; a temporary file left by a killed write is ignored
 (it never matches ``step_*.pt``) and removed by the next save. ``keep_last`` bounds how many are kept.
 """
@@ -18,14 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from training.atomic import atomic_open, remove_stale_temp_files
+from dataset.atomic import atomic_open, remove_stale_temp_files, write_failure
+from training.errors import CheckpointError as CheckpointError  # raised here; imported from here by most callers
+from training.reference_checkpoint import is_reference_state, reference_steps
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or does not fit the model or config."""
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -53,24 +51,6 @@ def run_dir_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def write_failure(folder: Path, error: BaseException) -> str:
-    """Why a write into ``folder`` failed, in words: no space, no permission, or the error's own message."""
-    import errno
-    import shutil
-
-    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{folder} is not writable ({error.strerror})"
-    if isinstance(error, OSError) and error.errno is not None and error.errno != errno.ENOSPC:
-        return f"{error.strerror} ({error.filename})" if error.filename else str(error.strerror)
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or free == 0 or "unexpected pos" in str(error):
-        return f"no space left on the device of {folder} ({0 if free is None else free // 2**20} MiB free)"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
 def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: int) -> Path:
     """Write ``state`` atomically as the checkpoint of ``step``; delete all but the ``keep_last`` newest.
 
@@ -95,8 +75,6 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: 
 def resolve_checkpoint(path_or_run: str | Path) -> Path:
     """A checkpoint file, the newest checkpoint of a run directory, or the newest ``step_N`` of a
     reference TRM ``checkpoint_path`` folder."""
-    from training.reference_checkpoint import reference_steps
-
     path = Path(path_or_run)
     if path.is_dir():
         found = list_checkpoints(path) or list_checkpoints(path.parent) or reference_steps(path)
@@ -137,13 +115,11 @@ def read_state(path: Path, map_location: torch.device | str = "cpu") -> Any:
 
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """Load a checkpoint of this toolkit safely (``weights_only=True``) with a clear error if it is not one."""
-    from training.reference_checkpoint import is_reference_state
-
     state = read_state(path, map_location)
     if is_reference_state(state):
         raise CheckpointError(
             f"{path}: a reference TRM checkpoint (weights only, no training state): start a new run from it with "
-            f"init_from={path}, or evaluate it with python -m evaluators.run {path}"
+            f"init_from={path}, or evaluate it with python -m analysis.evaluate {path}"
         )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise CheckpointError(f"{path}: not a trm-jd checkpoint (format {CHECKPOINT_FORMAT} with model state expected)")

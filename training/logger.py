@@ -9,8 +9,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from training.atomic import atomic_write_text
+from dataset.atomic import atomic_write_text
 from training.config import ConfigError, WandbConfig
+from training.wandb_credentials import find_wandb_credentials
 
 
 class MetricsWriteError(OSError):
@@ -49,7 +50,7 @@ class RunLogger:
         try:
             self._file.write(json.dumps(record) + "\n")
         except OSError as error:
-            from training.checkpoint import write_failure
+            from dataset.atomic import write_failure
 
             raise MetricsWriteError(error.errno, f"cannot write {self.path}: {write_failure(self.path.parent, error)}") from None
         if self._wandb is not None:
@@ -69,7 +70,6 @@ def check_wandb_config(wandb_config: WandbConfig) -> None:
     """Fail fast (before compute) when online mode is asked for without credentials."""
     if wandb_config.mode != "online":
         return
-    from analysis.wandb_source import find_wandb_credentials  # env and netrc only: no wandb import, no warnings
 
     if find_wandb_credentials() is None:
         raise ConfigError("wandb.mode=online needs a W&B login (wandb login or WANDB_API_KEY); use wandb.mode=offline to log locally")

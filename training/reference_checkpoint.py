@@ -33,7 +33,8 @@ import yaml
 from torch import Tensor
 
 from dataset.common import read_metadata
-from training.checkpoint import CheckpointError
+from dataset.atomic import atomic_open, atomic_write_text, write_failure
+from training.errors import CheckpointError
 
 REFERENCE_ARCHS: dict[str, str] = {
     "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1": "trm",
@@ -350,14 +351,12 @@ def reference_all_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def write_reference_checkpoint(state: dict[str, Tensor], config: dict[str, Any], out_dir: Path, step: int, compiled: bool = True) -> Path:
     """Write ``out_dir/step_N`` and ``out_dir/all_config.yaml`` (refusing to replace existing files)."""
-    from training.atomic import atomic_open, atomic_write_text
 
     target = out_dir / f"step_{step}"
     config_file = out_dir / "all_config.yaml"
     existing = [str(p) for p in (target, config_file) if p.exists()]
     if existing:
         raise CheckpointError(f"{existing} already exist; choose another output folder")
-    from training.checkpoint import write_failure
 
     created = not out_dir.exists()
     try:

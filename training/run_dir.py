@@ -31,7 +31,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from training.atomic import atomic_write_text, remove_stale_temp_files
+from dataset.atomic import atomic_write_text, remove_stale_temp_files
 from training.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint, run_dir_of
 from training.config import ConfigError, TrainConfig
 from training.distributed import DistInfo, ElasticInfo, decide_on_main

@@ -37,10 +37,10 @@ from jd.diagnostics import reduce_step_diagnostics
 from models.ema import EMA
 from models.optimizers import cosine_schedule_with_warmup
 from models.registry import compile_core
-from training.atomic import atomic_write_text
+from dataset.atomic import atomic_write_text
 from training.build import check_autogram, evaluators_for, jd_step_for, loss_head_for, model_for, optimizers_for
 from training.cadence import Cadence
-from training.checkpoint import write_failure
+from dataset.atomic import write_failure
 from training.checkpointer import NO_STATE, Checkpointer, ModelWeights, RngStreams
 from training.config import TrainConfig
 from training.data_feed import DataFeed, on_device

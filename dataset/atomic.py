@@ -9,8 +9,10 @@ never a torn one. A temporary file left by a killed write is never read and is r
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +86,18 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_failure(folder: Path, error: BaseException) -> str:
+    """Why a write into ``folder`` failed, in words: no space, no permission, or the error's own message."""
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{folder} is not writable ({error.strerror})"
+    if isinstance(error, OSError) and error.errno is not None and error.errno != errno.ENOSPC:
+        return f"{error.strerror} ({error.filename})" if error.filename else str(error.strerror)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or free == 0 or "unexpected pos" in str(error):
+        return f"no space left on the device of {folder} ({0 if free is None else free // 2**20} MiB free)"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
