@@ -44,7 +44,7 @@ if __name__ == "__main__":  # before the heavy imports (torch, hydra: seconds), 
     for _signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(_signal, _stopped_while_importing)
 
-import hydra  # noqa: E402 - after the signal handlers above
+import hydra  # after the signal handlers above
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -55,8 +55,8 @@ from dataset.common import DatasetError
 from training.checkpoint import CheckpointError
 from training.config import DEMO_DATA_PATH, ConfigError, TrainConfig, known_keys, parse_config, unknown_key_message
 from training.distributed import DistInfo, setup_distributed, teardown_distributed
-from training.run_dir import RunDirError
 from training.interrupt import StartupSignals
+from training.run_dir import RunDirError
 from training.threads import choose_threads
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, RunDirError)

@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,24 +37,36 @@ from typing import Any
 import torch
 
 from jd.config import JDConfig
+from jd.projector import PivotingProjector
 from jd.splits import method_of
 from jd.step import build_jd_step
-from jd.projector import PivotingProjector
 from models.losses import ACTLossHead
 from models.optimizers import make_adam_atan2
 from models.recursive_reasoning.config import ArchConfig
 from models.registry import build_model, compile_core
 from models.sparse_embedding import SignSGDSparseEmbedding
+from training.state import capture_rng
+from training.supervision import SupervisionLoop
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's ARC-AGI model: hidden 512, 8 heads, 2 layers, H=3, L=4, 900 cells + 16 puzzle positions.
     "arc": dict(
-        arch=dict(hidden_size=512, num_heads=8, expansion=4, L_layers=2, H_cycles=3, L_cycles=4, puzzle_emb_ndim=512, puzzle_emb_len=16, halt_max_steps=16),
-        seq_len=900, vocab_size=12, num_puzzles=1000, batch_size=96,
+        arch=dict(
+            hidden_size=512, num_heads=8, expansion=4, L_layers=2, H_cycles=3, L_cycles=4, puzzle_emb_ndim=512, puzzle_emb_len=16, halt_max_steps=16
+        ),
+        seq_len=900,
+        vocab_size=12,
+        num_puzzles=1000,
+        batch_size=96,
     ),
     "tiny": dict(
-        arch=dict(hidden_size=64, num_heads=4, expansion=4, L_layers=2, H_cycles=2, L_cycles=2, puzzle_emb_ndim=64, puzzle_emb_len=1, halt_max_steps=8),
-        seq_len=16, vocab_size=11, num_puzzles=8, batch_size=32,
+        arch=dict(
+            hidden_size=64, num_heads=4, expansion=4, L_layers=2, H_cycles=2, L_cycles=2, puzzle_emb_ndim=64, puzzle_emb_len=1, halt_max_steps=8
+        ),
+        seq_len=16,
+        vocab_size=11,
+        num_puzzles=8,
+        batch_size=32,
     ),
 }
 
@@ -143,51 +154,17 @@ def run_variant(
         gc.collect()
     resident_before = _peak_resident_mib()
     torch.manual_seed(0)
-    arch = ArchConfig(**preset["arch"])
     jd_config = JDConfig(**jd_values)
-    if compile_model:
-        jd_config.check_compilable()
-    jd_step = build_jd_step(jd_config, halt_max_steps=arch.halt_max_steps)
-    m = jd_step.split.global_num_objectives(batch_size=preset["batch_size"], seq_len=preset["seq_len"], H_cycles=arch.H_cycles,
-                                            halt_max_steps=arch.halt_max_steps, world_size=1, n_groups=jd_config.n_groups)
-    scalarizer = jd_step.build_scalarizer(m, device)
-    model = build_model(arch, seq_len=preset["seq_len"], vocab_size=preset["vocab_size"], num_puzzle_identifiers=preset["num_puzzles"], device=device)
-    if compile_model:
-        compile_core(model, repeated_backward=jd_config.split != "none")
-    head = ACTLossHead(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_adam_atan2(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    sparse = SignSGDSparseEmbedding([model.puzzle_embedding], lr=1e-2, weight_decay=0.1)
-    batch = synthetic_batch(preset, device)
-    supervision = jd_step.split.supervision_steps(arch.halt_max_steps)
-    batch_size = preset["batch_size"]
-    carry = head.initial_carry(batch)
-    times: list[float] = []
-    last_metrics: dict[str, float] = {}
-    forward_context = getattr(jd_step, "forward_context", None)
+    variant = _Variant(preset, jd_config, device, compile_model)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    times: list[float] = []
+    last_metrics: dict[str, float] = {}
     for index in range(warmup + steps):
         started = time.perf_counter()
-        terms_list = []
-        with forward_context(model, batch_size) if forward_context else nullcontext():
-            for _ in range(supervision):
-                carry, terms, _, _, _ = head(
-                    carry, batch, global_batch_size=batch_size, keep_cycle_logits=jd_step.split.needs_cycle_logits,
-                    differential_cycles=jd_step.split.needs_differential_cycles,
-                )
-                terms_list.append(terms)
-            last_metrics = jd_step.backward(terms_list, params, [rows for _, rows in model.puzzle_embedding.pending_rows()])
-        jd_step.finish(params)
-        optimizer.step()
-        sparse.step()
-        if scalarizer is not None and scalarizer.updates_after_step:  # FAMO: the objectives again, after the step
-            with torch.no_grad():
-                again = [head(carry, batch, global_batch_size=batch_size)[1] for _ in range(supervision)]
-            jd_step.recomputed(again)
-        optimizer.zero_grad(set_to_none=True)
+        last_metrics = variant.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if index >= warmup:
@@ -197,15 +174,74 @@ def run_variant(
         variant=name,
         split=jd_config.split,
         aggregator=method_of(jd_config),
-        engine=getattr(jd_step, "engine", "?"),
+        engine=variant.jd_step.engine,
         objectives=int(last_metrics.get("jd/num_objectives", 1)),
-        supervision_steps=supervision,
+        supervision_steps=variant.loop.supervision_steps,
         median_ms=statistics.median(times),
         min_ms=min(times),
         peak_mem_mib=peak,
         gd_similarity=last_metrics.get("jd/gd_similarity"),
         step_ms=[round(t, 2) for t in times],
     )
+
+
+class _Variant:
+    """One benchmarked configuration: the model, its JD step and optimizers, and one synthetic batch; :meth:`step`
+    runs an optimizer step through the trainer's own supervision loop (:class:`training.supervision.SupervisionLoop`)."""
+
+    def __init__(self, preset: dict[str, Any], jd_config: JDConfig, device: torch.device, compile_model: bool) -> None:
+        arch = ArchConfig(**preset["arch"])
+        if compile_model:
+            jd_config.check_compilable()
+        self.jd_step = build_jd_step(jd_config, halt_max_steps=arch.halt_max_steps)
+        self.batch_size = preset["batch_size"]
+        m = self.jd_step.split.global_num_objectives(
+            batch_size=self.batch_size,
+            seq_len=preset["seq_len"],
+            H_cycles=arch.H_cycles,
+            halt_max_steps=arch.halt_max_steps,
+            world_size=1,
+            n_groups=jd_config.n_groups,
+        )
+        self.scalarizer = self.jd_step.build_scalarizer(m, device)
+        self.model = build_model(
+            arch, seq_len=preset["seq_len"], vocab_size=preset["vocab_size"], num_puzzle_identifiers=preset["num_puzzles"], device=device
+        )
+        if compile_model:
+            compile_core(self.model, repeated_backward=jd_config.split != "none")
+        head = ACTLossHead(self.model)
+        self.loop = SupervisionLoop(
+            head,
+            self.jd_step.split,
+            jd_config,
+            global_batch_size=self.batch_size,
+            grad_accum_steps=1,
+            halt_max_steps=arch.halt_max_steps,
+            agree_on_halting=False,
+            carry_shape=(self.batch_size, preset["seq_len"], preset["seq_len"] + self.model.puzzle_emb_len, arch.hidden_size),
+            device=device,
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_adam_atan2(self.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        assert self.model.puzzle_embedding is not None
+        self.embedding = self.model.puzzle_embedding
+        self.sparse = SignSGDSparseEmbedding([self.embedding], lr=1e-2, weight_decay=0.1)
+        self.batches = [synthetic_batch(preset, device)] * self.loop.batches_per_step
+        self.carry = head.initial_carry(self.batches[0])
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step; returns the JD step's metrics."""
+        famo = (self.carry, capture_rng()) if self.scalarizer is not None and self.scalarizer.updates_after_step else None
+        with self.jd_step.forward_context(self.model, self.batch_size):
+            self.carry, steps = self.loop.run(self.carry, self.batches)
+            metrics = self.jd_step.backward(steps, self.params, [rows for _, rows in self.embedding.pending_rows()])
+        self.jd_step.finish(self.params)
+        self.optimizer.step()
+        self.sparse.step()
+        if famo is not None:  # FAMO: the objectives again, after the step
+            self.jd_step.recomputed(self.loop.recompute(self.batches, *famo))
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
 
 
 def _peak_resident_mib() -> float:
@@ -291,7 +327,13 @@ def to_markdown(results: list[Result], header: dict[str, Any], projectors: list[
             reason = MEMORY_NOTES.get(base, "no explanation is recorded for this variant in analysis.benchmark.MEMORY_NOTES")
             lines.append(f"- {r.variant} uses {r.mem_ratio_to_gd:.1f}x GD's memory: {reason}.")
     if projectors:
-        lines += ["", "UPGrad's m dual-cone projections (median ms):", "", "| m | quadprog (TorchJD) | pivoting (jd.projector) | speed-up |", "|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "UPGrad's m dual-cone projections (median ms):",
+            "",
+            "| m | quadprog (TorchJD) | pivoting (jd.projector) | speed-up |",
+            "|---:|---:|---:|---:|",
+        ]
         lines += [f"| {p['m']} | {p['quadprog_ms']:.1f} | {p['pivoting_ms']:.1f} | {p['speedup']:.1f}x |" for p in projectors]
     return "\n".join(lines) + "\n"
 
@@ -303,13 +345,16 @@ def _write(out_json: Path, out_md: Path, header: dict[str, Any], results: list[R
     out_md.write_text(to_markdown(results, header, projectors))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA, off for CPU")
     parser.add_argument(
-        "--isolate", action=argparse.BooleanOptionalAction, default=None, help="each variant in a fresh process (default: on for CPU, where it measures peak memory)"
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each variant in a fresh process (default: on for CPU, where it measures peak memory)",
     )
     parser.add_argument("--projector-sizes", default="", help="comma-separated m: also time UPGrad's projections with both solvers")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
@@ -320,8 +365,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for benchmark-<preset>-<device>[-eager].{json,md}")
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
 
+
+@dataclass
+class _Settings:
+    """What the command line asks for, checked."""
+
+    device: torch.device
+    compile_model: bool
+    isolate: bool
+    projector_sizes: list[int]
+    preset: dict[str, Any]
+    out_json: Path
+    out_md: Path
+
+
+def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Settings:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; accepted: {', '.join(VARIANTS)}")
@@ -329,7 +389,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     compile_model = device.type == "cuda" if args.compile is None else args.compile
-    isolate = device.type == "cpu" if args.isolate is None else args.isolate
     try:
         projector_sizes = [int(size) for size in args.projector_sizes.split(",") if size]
     except ValueError:
@@ -341,33 +400,68 @@ def main(argv: list[str] | None = None) -> int:
     out_json, out_md = args.out / f"{stem}.json", args.out / f"{stem}.md"
     if not args.overwrite and (out_json.exists() or out_md.exists()):
         parser.error(f"{out_json} exists; pass --overwrite or another --out")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    isolate = device.type == "cpu" if args.isolate is None else args.isolate
+    return _Settings(device, compile_model, isolate, projector_sizes, preset, out_json, out_md)
 
-    header = {
+
+def _header(args: argparse.Namespace, settings: _Settings, argv: list[str] | None) -> dict[str, Any]:
+    device = settings.device
+    return {
         "preset": args.preset,
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "compile": compile_model,
-        "batch_size": preset["batch_size"],
+        "compile": settings.compile_model,
+        "batch_size": settings.preset["batch_size"],
         "warmup": args.warmup,
         "steps": args.steps,
         "torch": torch.__version__,
-        "isolated": isolate,
+        "isolated": settings.isolate,
         "memory": (
             "Peak memory: torch.cuda.max_memory_allocated."
             if device.type == "cuda"
             else "Peak memory: growth of peak resident memory (ru_maxrss) of a fresh process per variant from before the model was built."
-            if isolate
+            if settings.isolate
             else "Peak memory: not measured on CPU without --isolate."
         ),
         "command": "python -m analysis.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+
+
+def _measure(label: str, values: dict[str, Any], engine: str, args: argparse.Namespace, settings: _Settings) -> Result:
+    """One variant's result (its error when it failed)."""
+    device = settings.device
+    options = dict(device=device, compile_model=settings.compile_model, warmup=args.warmup, steps=args.steps)
+    try:
+        result = (run_isolated if settings.isolate else run_variant)(label, settings.preset, values, **options)
+    except Exception as error:  # noqa: BLE001 - a failing variant is reported, the others still run
+        result = Result(label, values["split"], args.aggregator, engine, 0, 1, float("nan"), error=f"{type(error).__name__}: {error}".splitlines()[0])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not settings.isolate and device.type == "cpu":
+        result.peak_mem_mib = None  # the process's peak so far, not this variant's
+    return result
+
+
+def _add_ratios(result: Result, gd: Result | None) -> None:
+    """The variant's time per supervision step and peak memory as multiples of the GD baseline's."""
+    if gd is not None and not result.error and not gd.error:
+        result.ratio_to_gd = result.median_ms / (result.supervision_steps * gd.median_ms)
+        if result.peak_mem_mib is not None and gd.peak_mem_mib:
+            result.mem_ratio_to_gd = result.peak_mem_mib / gd.peak_mem_mib
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = _settings(args, parser)
+    if settings.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    header = _header(args, settings, argv)
     results: list[Result] = []
     projectors: list[dict[str, Any]] = []
     gd: Result | None = None
     names = args.variants.split(",")
-    if "gd" in names:
+    if "gd" in names:  # first: every other variant is compared with it
         names.remove("gd")
         names.insert(0, "gd")
     for name in names:
@@ -377,32 +471,22 @@ def main(argv: list[str] | None = None) -> int:
             if name != "gd" and "scalarizer" not in values:
                 values.update(aggregator=args.aggregator, engine=engine)
             label = name if len(engines) == 1 else f"{name}[{engine}]"
-            options = dict(device=device, compile_model=compile_model, warmup=args.warmup, steps=args.steps)
-            try:
-                result = (run_isolated if isolate else run_variant)(label, preset, values, **options)
-            except Exception as error:  # noqa: BLE001 - a failing variant is reported, the others still run
-                result = Result(label, values["split"], args.aggregator, engine, 0, 1, float("nan"), error=f"{type(error).__name__}: {error}".splitlines()[0])
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            if not isolate and device.type == "cpu":
-                result.peak_mem_mib = None  # the process's peak so far, not this variant's
-            if name == "gd":
-                gd = result
-            if gd is not None and not result.error and not gd.error:
-                k = result.supervision_steps
-                result.ratio_to_gd = result.median_ms / (k * gd.median_ms)
-                if result.peak_mem_mib is not None and gd.peak_mem_mib:
-                    result.mem_ratio_to_gd = result.peak_mem_mib / gd.peak_mem_mib
+            result = _measure(label, values, engine, args, settings)
+            gd = result if name == "gd" else gd
+            _add_ratios(result, gd)
             results.append(result)
-            _write(out_json, out_md, header, results, projectors)
-            shown = "failed: " + result.error if result.error else f"{result.median_ms:.1f} ms/step" + (f" ({result.ratio_to_gd:.2f}x GD)" if result.ratio_to_gd else "")
+            _write(settings.out_json, settings.out_md, header, results, projectors)
+            shown = (
+                "failed: " + result.error
+                if result.error
+                else f"{result.median_ms:.1f} ms/step" + (f" ({result.ratio_to_gd:.2f}x GD)" if result.ratio_to_gd else "")
+            )
             print(f"{label:32s} m={result.objectives:<5d} {shown}", flush=True)
-
-    if projector_sizes:
-        projectors = time_projectors(projector_sizes, device)
-        _write(out_json, out_md, header, results, projectors)
+    if settings.projector_sizes:
+        projectors = time_projectors(settings.projector_sizes, settings.device)
+        _write(settings.out_json, settings.out_md, header, results, projectors)
     print("\n" + to_markdown(results, header, projectors))
-    print(f"wrote {out_json} and {out_md}")
+    print(f"wrote {settings.out_json} and {settings.out_md}")
     return 0
 
 

@@ -19,19 +19,26 @@ import argparse
 import csv
 import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from analysis.plot_gd_similarity import (GD_SIMILARITY, build_curves, draw_curves, effective_window,
-                                         ensure_writable, label_fields_arg, positive_int_arg, save_figure)
+from analysis.plot_gd_similarity import (
+    GD_SIMILARITY,
+    build_curves,
+    draw_curves,
+    effective_window,
+    ensure_writable,
+    label_fields_arg,
+    positive_int_arg,
+    save_figure,
+)
 from analysis.report import Image, Paragraph, Table, figure_png, render_html
-from analysis.runs import (DEFAULT_GROUP_BY, FINISHED, AnalysisError, Run, group_name, group_runs,
-                           label_sort_key)
+from analysis.runs import DEFAULT_GROUP_BY, FINISHED, AnalysisError, Run, group_name, group_runs, label_sort_key
 from analysis.sources import load_runs
 from analysis.stats import CONFIDENCE, Difference, difference, mean_interval
 from analysis.wandb_source import WandbUnavailableError, create_wandb_report, parse_wandb_source
@@ -46,8 +53,7 @@ HTML_REPORT = "report.html"
 
 # Metrics drawn as learning curves, in panel order, when at least one run logged them.
 CURVE_METRICS = ("train/lm_loss", "eval/exact_accuracy", "ARC/pass@2", GD_SIMILARITY, "jd/conflict_fraction")
-_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-           "tab:gray", "tab:olive", "tab:cyan")
+_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
 
 def _last(values: np.ndarray) -> float:
@@ -77,25 +83,19 @@ class Statistic:
 
 
 STATISTICS = (
-    Statistic("final_eval_exact_accuracy", "eval/exact_accuracy", _last, False,
-              "eval/exact_accuracy at the run's last evaluation"),
-    Statistic("best_eval_exact_accuracy", "eval/exact_accuracy", np.max, True,
-              "highest eval/exact_accuracy over the run's evaluations"),
+    Statistic("final_eval_exact_accuracy", "eval/exact_accuracy", _last, False, "eval/exact_accuracy at the run's last evaluation"),
+    Statistic("best_eval_exact_accuracy", "eval/exact_accuracy", np.max, True, "highest eval/exact_accuracy over the run's evaluations"),
     Statistic("final_arc_pass@2", "ARC/pass@2", _last, False, "ARC/pass@2 at the run's last evaluation"),
     Statistic("best_arc_pass@2", "ARC/pass@2", np.max, True, "highest ARC/pass@2 over the run's evaluations"),
     Statistic("final_train_lm_loss", "train/lm_loss", _last, False, "train/lm_loss at the last logged step"),
     Statistic("mean_gd_similarity", GD_SIMILARITY, np.mean, True, "mean of jd/gd_similarity over logged steps"),
     Statistic("min_gd_similarity", GD_SIMILARITY, np.min, True, "lowest jd/gd_similarity over logged steps"),
-    Statistic("mean_conflict_fraction", "jd/conflict_fraction", np.mean, True,
-              "mean of jd/conflict_fraction over logged steps"),
-    Statistic("median_step_time_s", "train/step_time_s", np.median, True,
-              "median of train/step_time_s (seconds per optimizer step)"),
-    Statistic("train_time_s", "train/step_time_s", np.sum, True,
-              "sum of train/step_time_s: the run's training time, evaluation excluded"),
+    Statistic("mean_conflict_fraction", "jd/conflict_fraction", np.mean, True, "mean of jd/conflict_fraction over logged steps"),
+    Statistic("median_step_time_s", "train/step_time_s", np.median, True, "median of train/step_time_s (seconds per optimizer step)"),
+    Statistic("train_time_s", "train/step_time_s", np.sum, True, "sum of train/step_time_s: the run's training time, evaluation excluded"),
 )
 # The statistics that measure what a method achieved: each is compared with the baseline group.
-OUTCOMES = ("final_eval_exact_accuracy", "best_eval_exact_accuracy", "final_arc_pass@2", "best_arc_pass@2",
-            "final_train_lm_loss")
+OUTCOMES = ("final_eval_exact_accuracy", "best_eval_exact_accuracy", "final_arc_pass@2", "best_arc_pass@2", "final_train_lm_loss")
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,7 @@ def present_statistics(runs: Sequence[Run]) -> list[Statistic]:
     return [s for s in STATISTICS if any(s.key in run.metrics for run in runs)]
 
 
-def summarize(runs: Sequence[Run], group_by: Sequence[str] = DEFAULT_GROUP_BY,
-              statistics: Sequence[Statistic] | None = None) -> list[GroupSummary]:
+def summarize(runs: Sequence[Run], group_by: Sequence[str] = DEFAULT_GROUP_BY, statistics: Sequence[Statistic] | None = None) -> list[GroupSummary]:
     """One summary per group of runs sharing the labels ``group_by`` (GD first)."""
     statistics = present_statistics(runs) if statistics is None else statistics
     summaries = []
@@ -166,8 +165,7 @@ class Comparison:
     result: Difference
 
 
-def baseline_group(summaries: Sequence[GroupSummary], group_by: Sequence[str],
-                   name: str | None = None) -> GroupSummary | None:
+def baseline_group(summaries: Sequence[GroupSummary], group_by: Sequence[str], name: str | None = None) -> GroupSummary | None:
     """The group named ``name`` (its legend text), else the first group of GD runs; None if there is none."""
     if name is not None:
         for summary in summaries:
@@ -178,8 +176,7 @@ def baseline_group(summaries: Sequence[GroupSummary], group_by: Sequence[str],
     return next((s for s in summaries if all(run.is_gd for run in s.runs)), None)
 
 
-def compare_to_baseline(summaries: Sequence[GroupSummary], baseline: GroupSummary,
-                        statistics: Sequence[Statistic]) -> list[Comparison]:
+def compare_to_baseline(summaries: Sequence[GroupSummary], baseline: GroupSummary, statistics: Sequence[Statistic]) -> list[Comparison]:
     """Every other group's outcomes (``OUTCOMES``) minus the baseline's, paired by seed where possible."""
     columns = [s.column for s in statistics if s.column in OUTCOMES]
     comparisons = []
@@ -211,15 +208,13 @@ def format_cell(cell: Cell | None, n_runs: int) -> str:
     return text
 
 
-def table_rows(summaries: Sequence[GroupSummary], group_by: Sequence[str],
-               statistics: Sequence[Statistic]) -> tuple[list[str], list[list[str]]]:
+def table_rows(summaries: Sequence[GroupSummary], group_by: Sequence[str], statistics: Sequence[Statistic]) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows shared by the Markdown and HTML tables."""
     header = [*group_by, "n", "seeds", *(s.column for s in statistics)]
     rows = []
     for summary in summaries:
         n_runs = len(summary.runs)
-        rows.append([*summary.key, str(n_runs), ",".join(summary.seeds),
-                     *(format_cell(summary.cells[s.column], n_runs) for s in statistics)])
+        rows.append([*summary.key, str(n_runs), ",".join(summary.seeds), *(format_cell(summary.cells[s.column], n_runs) for s in statistics)])
     return header, rows
 
 
@@ -231,26 +226,34 @@ def difference_rows(comparisons: Sequence[Comparison], group_by: Sequence[str]) 
         r = c.result
         n = str(r.n) if r.test == "paired" else f"{r.n} vs {r.n_baseline}"
         p = "—" if r.p_value is None else f"{r.p_value:.3g}"
-        rows.append([*c.group.key, c.column, n, format_number(r.estimate) + format_interval(r.low, r.high), p,
-                     "paired t (by seed)" if r.test == "paired" else "Welch t"])
+        rows.append(
+            [
+                *c.group.key,
+                c.column,
+                n,
+                format_number(r.estimate) + format_interval(r.low, r.high),
+                p,
+                "paired t (by seed)" if r.test == "paired" else "Welch t",
+            ]
+        )
     return header, rows
 
 
-def write_differences_csv(path: Path, comparisons: Sequence[Comparison], group_by: Sequence[str],
-                          baseline: GroupSummary | None) -> None:
+def write_differences_csv(path: Path, comparisons: Sequence[Comparison], group_by: Sequence[str], baseline: GroupSummary | None) -> None:
     """One row per (group, outcome): the difference to the baseline at full precision (empty when unknown)."""
+
     def number(value: float | None) -> str:
         return "" if value is None else repr(value)
 
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*group_by, "baseline", "outcome", "difference", "ci_low", "ci_high", "p_value", "test",
-                         "n", "n_baseline"])
+        writer.writerow([*group_by, "baseline", "outcome", "difference", "ci_low", "ci_high", "p_value", "test", "n", "n_baseline"])
         name = "" if baseline is None else group_name(baseline.key, group_by)
         for c in comparisons:
             r = c.result
-            writer.writerow([*c.group.key, name, c.column, repr(r.estimate), number(r.low), number(r.high),
-                             number(r.p_value), r.test, r.n, r.n_baseline])
+            writer.writerow(
+                [*c.group.key, name, c.column, repr(r.estimate), number(r.low), number(r.high), number(r.p_value), r.test, r.n, r.n_baseline]
+            )
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -262,40 +265,50 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 def _run_rows(runs: Sequence[Run], group_by: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     header = ["run", *group_by, "seed", "final step", "status", "source"]
-    rows = [[r.name, *r.labels(group_by), r.label("seed"),
-             "?" if r.final_step is None else str(r.final_step), r.status, r.source] for r in runs]
+    rows = [[r.name, *r.labels(group_by), r.label("seed"), "?" if r.final_step is None else str(r.final_step), r.status, r.source] for r in runs]
     return header, rows
 
 
-CELL_NOTE = (f"Each cell: mean over the group's runs [{CONFIDENCE:.0%} t interval over them]; (n=k) when only k runs "
-             "of the group logged the metric; — when none did.")
+CELL_NOTE = (
+    f"Each cell: mean over the group's runs [{CONFIDENCE:.0%} t interval over them]; (n=k) when only k runs "
+    "of the group logged the metric; — when none did."
+)
 
 
 def differences_note(baseline: GroupSummary | None, group_by: Sequence[str]) -> str:
     if baseline is None:
         return "No group of GD runs to compare with (give --baseline GROUP)."
-    return (f"Each group minus the baseline {group_name(baseline.key, group_by)!r}: the mean difference with "
-            f"its {CONFIDENCE:.0%} interval and two-sided p-value; paired by seed (paired t over the seeds both "
-            "have) when at least two seeds match, else Welch's t over the two groups' runs.")
+    return (
+        f"Each group minus the baseline {group_name(baseline.key, group_by)!r}: the mean difference with "
+        f"its {CONFIDENCE:.0%} interval and two-sided p-value; paired by seed (paired t over the seeds both "
+        "have) when at least two seeds match, else Welch's t over the two groups' runs."
+    )
 
 
-def to_markdown(summaries: Sequence[GroupSummary], runs: Sequence[Run], group_by: Sequence[str],
-                statistics: Sequence[Statistic], comparisons: Sequence[Comparison] = (),
-                baseline: GroupSummary | None = None) -> str:
+def to_markdown(
+    summaries: Sequence[GroupSummary],
+    runs: Sequence[Run],
+    group_by: Sequence[str],
+    statistics: Sequence[Statistic],
+    comparisons: Sequence[Comparison] = (),
+    baseline: GroupSummary | None = None,
+) -> str:
     """The comparison as a Markdown document: the table, the differences, what each column means, the runs."""
     header, rows = table_rows(summaries, group_by, statistics)
     diff_header, diff_rows = difference_rows(comparisons, group_by)
     run_header, run_rows = _run_rows(runs, group_by)
     legend = "\n".join(f"- `{s.column}`: {s.description}" for s in statistics)
-    differences = (f"{differences_note(baseline, group_by)}\n\n{_markdown_table(diff_header, diff_rows)}"
-                   if diff_rows else differences_note(baseline, group_by))
-    return (f"# Comparison of {len(runs)} run(s) by {', '.join(group_by)}\n\n{CELL_NOTE}\n\n"
-            f"{_markdown_table(header, rows)}\n\n## Differences against the baseline\n\n{differences}\n\n"
-            f"## Columns\n\n{legend}\n\n## Runs\n\n{_markdown_table(run_header, run_rows)}\n")
+    differences = (
+        f"{differences_note(baseline, group_by)}\n\n{_markdown_table(diff_header, diff_rows)}" if diff_rows else differences_note(baseline, group_by)
+    )
+    return (
+        f"# Comparison of {len(runs)} run(s) by {', '.join(group_by)}\n\n{CELL_NOTE}\n\n"
+        f"{_markdown_table(header, rows)}\n\n## Differences against the baseline\n\n{differences}\n\n"
+        f"## Columns\n\n{legend}\n\n## Runs\n\n{_markdown_table(run_header, run_rows)}\n"
+    )
 
 
-def write_csv(path: Path, summaries: Sequence[GroupSummary], group_by: Sequence[str],
-              statistics: Sequence[Statistic]) -> None:
+def write_csv(path: Path, summaries: Sequence[GroupSummary], group_by: Sequence[str], statistics: Sequence[Statistic]) -> None:
     """One row per group: labels, n_runs, seeds, then per column ``<c>``, ``<c>_std``, ``<c>_n``, ``<c>_ci_low``, ``<c>_ci_high``.
 
     Numbers are written at full precision; a missing value is an empty field.
@@ -314,8 +327,13 @@ def write_csv(path: Path, summaries: Sequence[GroupSummary], group_by: Sequence[
                 if cell is None:
                     row += ["", "", "0", "", ""]
                 else:
-                    row += [repr(cell.mean), "" if cell.std is None else repr(cell.std), str(cell.n),
-                            "" if cell.low is None else repr(cell.low), "" if cell.high is None else repr(cell.high)]
+                    row += [
+                        repr(cell.mean),
+                        "" if cell.std is None else repr(cell.std),
+                        str(cell.n),
+                        "" if cell.low is None else repr(cell.low),
+                        "" if cell.high is None else repr(cell.high),
+                    ]
             writer.writerow(row)
 
 
@@ -341,15 +359,16 @@ def learning_curves_figure(runs: Sequence[Run], group_by: Sequence[str], smooth:
     columns = min(len(metrics), 3)
     rows = math.ceil(len(metrics) / columns)
     figure = Figure(figsize=(4.4 * columns, 3.4 * rows + 0.9), layout="constrained")
-    figure.suptitle(f"Learning curves: mean over each group's runs (band: ± one standard deviation), "
-                    f"{len(runs)} run(s) by {', '.join(group_by)}", fontsize="medium")
+    figure.suptitle(
+        f"Learning curves: mean over each group's runs (band: ± one standard deviation), {len(runs)} run(s) by {', '.join(group_by)}",
+        fontsize="medium",
+    )
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    for ax in axes[len(metrics):]:
+    for ax in axes[len(metrics) :]:
         ax.set_visible(False)
     for ax, metric in zip(axes, metrics):
         window = auto_window(runs, metric) if smooth is None else effective_window(runs, metric, smooth)
-        draw_curves(ax, build_curves(runs, metric, group_by=group_by, smooth=window), band=True,
-                    ylabel=metric, colors=colors)
+        draw_curves(ax, build_curves(runs, metric, group_by=group_by, smooth=window), band=True, ylabel=metric, colors=colors)
         ax.set_title(metric + (f" (trailing mean over {window} points)" if window > 1 else ""), fontsize="small")
     handles = [Line2D([], [], color=colors[name], label=name) for name in names]
     figure.legend(handles=handles, loc="outside lower center", ncols=min(len(names), 3), fontsize="small")
@@ -367,16 +386,21 @@ def warn_repeated_seeds(summaries: Sequence[GroupSummary], group_by: Sequence[st
         seeds = [r.label("seed") for r in summary.runs]
         repeated = sorted({s for s in seeds if seeds.count(s) > 1})
         if repeated:
-            print(f"warning: group {group_name(summary.key, group_by)!r} has several runs with seed(s) "
-                  f"{', '.join(repeated)}; they are averaged as if independent", file=sys.stderr)
+            print(
+                f"warning: group {group_name(summary.key, group_by)!r} has several runs with seed(s) "
+                f"{', '.join(repeated)}; they are averaged as if independent",
+                file=sys.stderr,
+            )
 
 
 def warn_numerics(runs: Sequence[Run]) -> None:
     """Warn when the runs differ in what changes numbers besides their config (threads, device, dtype, versions)."""
     differences = numerics_differences([run.config.get("numerics") for run in runs])
     if differences:
-        print(f"warning: the compared runs differ in what changes their numbers besides the config ({'; '.join(differences)}); "
-              "a difference between groups may partly be theirs")
+        print(
+            f"warning: the compared runs differ in what changes their numbers besides the config ({'; '.join(differences)}); "
+            "a difference between groups may partly be theirs"
+        )
 
 
 def warn_unfinished(summaries: Sequence[GroupSummary], group_by: Sequence[str]) -> None:
@@ -385,14 +409,23 @@ def warn_unfinished(summaries: Sequence[GroupSummary], group_by: Sequence[str]) 
         unfinished = [r for r in summary.runs if r.status != FINISHED]
         if unfinished:
             states = ", ".join(f"{r.name}: {r.status}" for r in unfinished)
-            print(f"warning: group {group_name(summary.key, group_by)!r} averages {len(unfinished)} run(s) that "
-                  f"did not finish with {len(summary.runs) - len(unfinished)} finished one(s) ({states})",
-                  file=sys.stderr)
+            print(
+                f"warning: group {group_name(summary.key, group_by)!r} averages {len(unfinished)} run(s) that "
+                f"did not finish with {len(summary.runs) - len(unfinished)} finished one(s) ({states})",
+                file=sys.stderr,
+            )
 
 
-def compare(runs: Sequence[Run], out_dir: Path, *, group_by: Sequence[str] = DEFAULT_GROUP_BY,
-            html: bool = False, smooth: int | None = None, overwrite: bool = False,
-            baseline: str | None = None) -> list[Path]:
+def compare(
+    runs: Sequence[Run],
+    out_dir: Path,
+    *,
+    group_by: Sequence[str] = DEFAULT_GROUP_BY,
+    html: bool = False,
+    smooth: int | None = None,
+    overwrite: bool = False,
+    baseline: str | None = None,
+) -> list[Path]:
     """Write the summary and differences (Markdown, CSV), the learning curves (PNG, SVG), optionally HTML."""
     out_dir = Path(out_dir)
     paths = output_files(out_dir, html)
@@ -421,12 +454,11 @@ def compare(runs: Sequence[Run], out_dir: Path, *, group_by: Sequence[str] = DEF
             run_header, run_rows = _run_rows(runs, group_by)
             sections = [
                 Paragraph(f"{len(runs)} run(s) in {len(summaries)} group(s) by {', '.join(group_by)}. {CELL_NOTE}"),
-                Table("Summary", header, rows, text_columns=len(group_by) + 2,
-                      note=" ".join(f"{s.column}: {s.description}." for s in statistics)),
-                Table("Differences against the baseline", diff_header, diff_rows, text_columns=len(group_by) + 1,
-                      note=differences_note(base, group_by)),
-                Image("Learning curves", figure_png(figure),
-                      caption="Mean over each group's runs; the band is ± one standard deviation."),
+                Table("Summary", header, rows, text_columns=len(group_by) + 2, note=" ".join(f"{s.column}: {s.description}." for s in statistics)),
+                Table(
+                    "Differences against the baseline", diff_header, diff_rows, text_columns=len(group_by) + 1, note=differences_note(base, group_by)
+                ),
+                Image("Learning curves", figure_png(figure), caption="Mean over each group's runs; the band is ± one standard deviation."),
                 Table("Runs", run_header, run_rows, text_columns=len(run_header)),
             ]
             paths[5].write_text(render_html("Run comparison", sections), encoding="utf-8")
@@ -454,24 +486,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.compare",
         description="Compare runs grouped by split and aggregator: summary table (Markdown, CSV), learning "
-                    "curves (PNG, SVG), optional HTML report and W&B report.")
-    parser.add_argument("runs", nargs="+", metavar="RUNS",
-                        help="run directories, folders holding runs (e.g. runs/sweep1), glob patterns, or "
-                             "wandb:ENTITY/PROJECT[/RUN_ID|@GROUP]")
-    parser.add_argument("--out", type=Path, default=Path("comparison"), metavar="DIR",
-                        help="output folder (default ./comparison)")
-    parser.add_argument("--group-by", type=label_fields_arg, default=DEFAULT_GROUP_BY, metavar="FIELDS",
-                        help="comma-separated labels to group by (default split,method): split, method, aggregator, seed, "
-                             "epochs, arch, data, project, or any config key a sweep varied (lr, arch.H_cycles, ...)")
-    parser.add_argument("--smooth", type=positive_int_arg, default=None, metavar="N",
-                        help="trailing mean over N logged points in every learning-curve panel (default: "
-                             "per-step metrics over 1/50 of their points, evaluations unsmoothed)")
-    parser.add_argument("--baseline", default=None, metavar="GROUP",
-                        help="the group the others are compared with, by its legend text (default: the first "
-                             "GD group)")
+        "curves (PNG, SVG), optional HTML report and W&B report.",
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUNS",
+        help="run directories, folders holding runs (e.g. runs/sweep1), glob patterns, or wandb:ENTITY/PROJECT[/RUN_ID|@GROUP]",
+    )
+    parser.add_argument("--out", type=Path, default=Path("comparison"), metavar="DIR", help="output folder (default ./comparison)")
+    parser.add_argument(
+        "--group-by",
+        type=label_fields_arg,
+        default=DEFAULT_GROUP_BY,
+        metavar="FIELDS",
+        help="comma-separated labels to group by (default split,method): split, method, aggregator, seed, "
+        "epochs, arch, data, project, or any config key a sweep varied (lr, arch.H_cycles, ...)",
+    )
+    parser.add_argument(
+        "--smooth",
+        type=positive_int_arg,
+        default=None,
+        metavar="N",
+        help="trailing mean over N logged points in every learning-curve panel (default: "
+        "per-step metrics over 1/50 of their points, evaluations unsmoothed)",
+    )
+    parser.add_argument(
+        "--baseline", default=None, metavar="GROUP", help="the group the others are compared with, by its legend text (default: the first GD group)"
+    )
     parser.add_argument("--html", action="store_true", help="also write a self-contained report.html")
-    parser.add_argument("--wandb-report", type=_wandb_project, default=None, metavar="ENTITY/PROJECT",
-                        help="also publish a W&B report there (needs W&B online and wandb-workspaces)")
+    parser.add_argument(
+        "--wandb-report",
+        type=_wandb_project,
+        default=None,
+        metavar="ENTITY/PROJECT",
+        help="also publish a W&B report there (needs W&B online and wandb-workspaces)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
@@ -481,8 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ensure_writable(output_files(args.out, args.html), args.overwrite)
         runs = load_runs(args.runs)
-        written = compare(runs, args.out, group_by=args.group_by, html=args.html, smooth=args.smooth,
-                          overwrite=args.overwrite, baseline=args.baseline)
+        written = compare(
+            runs, args.out, group_by=args.group_by, html=args.html, smooth=args.smooth, overwrite=args.overwrite, baseline=args.baseline
+        )
     except (AnalysisError, WandbUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

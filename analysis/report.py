@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 from matplotlib.figure import Figure
 
@@ -47,7 +47,7 @@ class Paragraph:
     text: str
 
 
-Section = Union[Table, Image, Paragraph]
+Section = Table | Image | Paragraph
 
 
 def figure_png(figure: Figure, dpi: int = 120) -> bytes:
@@ -65,15 +65,13 @@ def _render_table(table: Table) -> str:
     head = "".join(cell("th", i, h) for i, h in enumerate(table.header))
     body = "\n".join("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>" for row in table.rows)
     note = f'<p class="note">{html.escape(table.note)}</p>' if table.note else ""
-    return (f"<h2>{html.escape(table.title)}</h2>\n<table>\n<thead><tr>{head}</tr></thead>\n"
-            f"<tbody>\n{body}\n</tbody>\n</table>\n{note}")
+    return f"<h2>{html.escape(table.title)}</h2>\n<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n{note}"
 
 
 def _render_image(image: Image) -> str:
     data = base64.b64encode(image.png).decode("ascii")
     caption = f"<figcaption>{html.escape(image.caption)}</figcaption>" if image.caption else ""
-    return (f"<h2>{html.escape(image.title)}</h2>\n<figure><img alt=\"{html.escape(image.title)}\" "
-            f"src=\"data:image/png;base64,{data}\">{caption}</figure>")
+    return f'<h2>{html.escape(image.title)}</h2>\n<figure><img alt="{html.escape(image.title)}" src="data:image/png;base64,{data}">{caption}</figure>'
 
 
 def render_html(title: str, sections: Sequence[Section]) -> str:
@@ -89,6 +87,8 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
         else:
             raise TypeError(f"cannot render {type(section).__name__}; expected Table, Image or Paragraph")
     body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-            f"<h1>{html.escape(title)}</h1>\n{body}\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>{html.escape(title)}</h1>\n{body}\n</body>\n</html>\n"
+    )

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import glob
 import gzip
-import zlib
 import json
 import math
 import os
 import sys
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 METRICS_GZ = "metrics.jsonl.gz"  # an archived run: the same lines, gzip-compressed (read the same way)
@@ -71,11 +71,9 @@ class MetricTable:
     """
 
     def __init__(self, series: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        self._series = {key: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
-                        for key, (s, v) in series.items()}
+        self._series = {key: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64)) for key, (s, v) in series.items()}
         all_steps = [s for s, _ in self._series.values()]
-        self.steps: np.ndarray = (np.unique(np.concatenate(all_steps)) if all_steps
-                                  else np.zeros(0, dtype=np.int64))
+        self.steps: np.ndarray = np.unique(np.concatenate(all_steps)) if all_steps else np.zeros(0, dtype=np.int64)
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]], step_key: str = "step") -> MetricTable:
@@ -325,8 +323,7 @@ def read_metrics_file(path: Path) -> MetricTable:
         if not isinstance(record, dict):
             raise RunLoadError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
         step = record.get("step")
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) \
-                or int(step) != step:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or int(step) != step:
             raise RunLoadError(f"{path}:{number}: every line needs an integer 'step', found {step!r}")
         records.append(record)
     return MetricTable.from_records(records)
@@ -375,13 +372,17 @@ def load_run_dir(path: Path) -> Run:
         raise RunLoadError(f"{path} is not a run directory: it has no {METRICS_FILE}")
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        raise RunLoadError(f"run directory {path} has {METRICS_FILE} but no {CONFIG_FILE}; "
-                           "the trainer writes both")
+        raise RunLoadError(f"run directory {path} has {METRICS_FILE} but no {CONFIG_FILE}; the trainer writes both")
     config = _read_config(config_path)
     name = config.get("run_name") or path.name
-    return Run(name=str(name), source=str(path), config=config,
-               metrics=read_metrics_file(metrics_path(path)), summary=_read_summary(path / SUMMARY_FILE),
-               default_project=path.resolve().parent.name or UNKNOWN)
+    return Run(
+        name=str(name),
+        source=str(path),
+        config=config,
+        metrics=read_metrics_file(metrics_path(path)),
+        summary=_read_summary(path / SUMMARY_FILE),
+        default_project=path.resolve().parent.name or UNKNOWN,
+    )
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -412,8 +413,9 @@ def run_dirs_for(item: str) -> list[Path]:
         paths = [Path(m).parent if Path(m).name in (METRICS_FILE, METRICS_GZ) else Path(m) for m in matches]
         dirs = [d for p in paths if p.is_dir() for d in find_run_dirs(p)]
         if not dirs:
-            raise RunLoadError(f"the pattern {item!r} matches {len(matches)} path(s) but no run directory "
-                               f"(a folder with {METRICS_FILE} and {CONFIG_FILE})")
+            raise RunLoadError(
+                f"the pattern {item!r} matches {len(matches)} path(s) but no run directory (a folder with {METRICS_FILE} and {CONFIG_FILE})"
+            )
         return dirs
     path = Path(item)
     if not path.exists():
@@ -424,6 +426,5 @@ def run_dirs_for(item: str) -> list[Path]:
         raise RunLoadError(f"{item} is a file; give a run directory, a folder holding runs, or a glob")
     dirs = find_run_dirs(path)
     if not dirs:
-        raise RunLoadError(f"no run directory (a folder with {METRICS_FILE} and {CONFIG_FILE}) "
-                           f"found in or below {item}")
+        raise RunLoadError(f"no run directory (a folder with {METRICS_FILE} and {CONFIG_FILE}) found in or below {item}")
     return dirs

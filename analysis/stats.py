@@ -21,8 +21,8 @@ p-value is 0 when it is non-zero, 1 when it is zero.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -81,8 +81,7 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> In
     return Interval(mean, low, high, int(array.size))
 
 
-def difference(method: Mapping[object, float], baseline: Mapping[object, float],
-               confidence: float = CONFIDENCE) -> Difference:
+def difference(method: Mapping[object, float], baseline: Mapping[object, float], confidence: float = CONFIDENCE) -> Difference:
     """``method - baseline`` from per-seed values (seed -> value): paired where >= 2 seeds are shared, else Welch."""
     if not method or not baseline:
         raise ValueError("difference needs values for both the method and the baseline")
@@ -101,6 +100,6 @@ def difference(method: Mapping[object, float], baseline: Mapping[object, float],
         return Difference(estimate, None, None, None, int(a.size), int(b.size), "welch")
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     standard_error = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)) if va + vb > 0 else a.size + b.size - 2
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1)) if va + vb > 0 else a.size + b.size - 2
     low, high = _t_interval(estimate, standard_error, df, confidence)
     return Difference(estimate, low, high, _t_p_value(estimate, standard_error, df), int(a.size), int(b.size), "welch")

@@ -23,10 +23,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from analysis.compare import compare
 from analysis.plot_gd_similarity import GD_SIMILARITY, plot_gd_similarity, split_by_metric
@@ -65,8 +65,7 @@ class Recipe:
         for arm in self.arms:
             if arm.name == name:
                 return arm
-        raise AnalysisError(f"recipe {self.name!r} has no arm {name!r}; its arms: "
-                            f"{', '.join(a.name for a in self.arms)}")
+        raise AnalysisError(f"recipe {self.name!r} has no arm {name!r}; its arms: {', '.join(a.name for a in self.arms)}")
 
 
 # Generated 4x4 Sudoku (2,000 training / 200 held-out puzzles with 8-10 givens, a little easier than the
@@ -98,31 +97,44 @@ class GeneratedSudoku:
         path = data_root / self.name
         if not path.exists():
             print(f"building {path} ...", flush=True)
-            build_generated_sudoku(path, size=self.size, num_train=self.num_train, num_test=self.num_test,
-                                   min_givens=self.min_givens, max_givens=self.max_givens, seed=self.seed,
-                                   progress=False)
+            build_generated_sudoku(
+                path,
+                size=self.size,
+                num_train=self.num_train,
+                num_test=self.num_test,
+                min_givens=self.min_givens,
+                max_givens=self.max_givens,
+                seed=self.seed,
+                progress=False,
+            )
         return path
 
 
 SUDOKU4X4 = Recipe(
     name="sudoku4x4",
-    description=f"generated 4x4 Sudoku (8-10 givens), the demo TRM, {SUDOKU_EPOCHS} epochs, held-out exact "
-                "accuracy every 6 epochs",
+    description=f"generated 4x4 Sudoku (8-10 givens), the demo TRM, {SUDOKU_EPOCHS} epochs, held-out exact accuracy every 6 epochs",
     data=GeneratedSudoku("sudoku4x4-givens8to10", size=4, num_train=2000, num_test=200, min_givens=8, max_givens=10),
-    base=(f"epochs={SUDOKU_EPOCHS}", "eval_interval=6", "eval_steps=[]", "keep_last=1", "progress_bar=false",
-          "wandb.mode=disabled", "device=cpu"),
+    base=(f"epochs={SUDOKU_EPOCHS}", "eval_interval=6", "eval_steps=[]", "keep_last=1", "progress_bar=false", "wandb.mode=disabled", "device=cpu"),
     arms=(
         Arm("gd", ("jd.split=none",), "the baseline: plain gradient descent"),
-        Arm("gd_time_matched", ("jd.split=none", f"epochs={TIME_MATCHED_EPOCHS}"),
-            "is JD only more compute? GD given IWRM + UPGrad's wall-clock (more epochs)"),
+        Arm(
+            "gd_time_matched",
+            ("jd.split=none", f"epochs={TIME_MATCHED_EPOCHS}"),
+            "is JD only more compute? GD given IWRM + UPGrad's wall-clock (more epochs)",
+        ),
         Arm("iwrm_upgrad", (_IWRM,), "one objective per puzzle, aggregated by UPGrad"),
         Arm("lm_vs_halt_upgrad", ("jd.split=lm_loss_vs_q_halt_loss",), "answer loss vs halting loss, UPGrad"),
-        Arm("pixel10_upgrad", ("jd.split=pixelwise_q_halt_in", "jd.n_groups=10"),
-            "per-cell losses in 10 random buckets, UPGrad"),
-        Arm("stack_supervisions_upgrad", ("jd.split=stack_supervisions", "jd.supervision_loop=same_batch"),
-            "one objective per supervision step (the JD study's loop, 4 steps on one batch), UPGrad"),
-        Arm("stack_supervisions_sum", ("jd.split=stack_supervisions_and_sum", "jd.supervision_loop=same_batch"),
-            "the control of the stack arm: GD on the same loop (the 4 steps' losses summed, one backward)"),
+        Arm("pixel10_upgrad", ("jd.split=pixelwise_q_halt_in", "jd.n_groups=10"), "per-cell losses in 10 random buckets, UPGrad"),
+        Arm(
+            "stack_supervisions_upgrad",
+            ("jd.split=stack_supervisions", "jd.supervision_loop=same_batch"),
+            "one objective per supervision step (the JD study's loop, 4 steps on one batch), UPGrad",
+        ),
+        Arm(
+            "stack_supervisions_sum",
+            ("jd.split=stack_supervisions_and_sum", "jd.supervision_loop=same_batch"),
+            "the control of the stack arm: GD on the same loop (the 4 steps' losses summed, one backward)",
+        ),
         Arm("iwrm_mgda", (_IWRM, "jd.aggregator=mgda"), "one objective per puzzle, aggregated by MGDA"),
         Arm("iwrm_uw", (_IWRM, "jd.scalarizer=uw"), "one objective per puzzle, weighted by uncertainty weighting"),
         Arm("iwrm_famo", (_IWRM, "jd.scalarizer=famo"), "one objective per puzzle, weighted by FAMO"),
@@ -154,16 +166,24 @@ def run_status(run_dir: Path) -> str | None:
         return None
 
 
-def plan_runs(recipe: Recipe, out_dir: Path, arms: Sequence[str] | None = None,
-              seeds: Sequence[int] | None = None, extra: Sequence[str] = ()) -> list[PlannedRun]:
+def plan_runs(
+    recipe: Recipe, out_dir: Path, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None, extra: Sequence[str] = ()
+) -> list[PlannedRun]:
     """Every (arm, seed) of the recipe, seed-major (all arms of seed 0 first: a study cut short stays balanced)."""
     chosen = [recipe.arm(name) for name in arms] if arms else list(recipe.arms)
     runs = []
-    for seed in (seeds if seeds else recipe.seeds):
+    for seed in seeds if seeds else recipe.seeds:
         for arm in chosen:
             run_dir = out_dir / RUNS_FOLDER / arm.name / f"s{seed}"
-            overrides = (*recipe.base, f"data_paths=[{out_dir / DATA_FOLDER / recipe.data.name}]", *arm.overrides, *extra, f"seed={seed}", f"run_dir={run_dir}",
-                         f"project_name={recipe.name}")
+            overrides = (
+                *recipe.base,
+                f"data_paths=[{out_dir / DATA_FOLDER / recipe.data.name}]",
+                *arm.overrides,
+                *extra,
+                f"seed={seed}",
+                f"run_dir={run_dir}",
+                f"project_name={recipe.name}",
+            )
             log_file = out_dir / LOGS_FOLDER / f"{arm.name}-s{seed}.log"
             runs.append(PlannedRun(arm, seed, run_dir, log_file, overrides))
     return runs
@@ -190,23 +210,20 @@ def train(run: PlannedRun, threads: int | None) -> tuple[PlannedRun, int, float]
     run.log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run.log_file, "a", encoding="utf-8") as log:
-        code = subprocess.call([sys.executable, "-m", "pretrain", *overrides], stdout=log,
-                               stderr=subprocess.STDOUT, env=env)
+        code = subprocess.call([sys.executable, "-m", "pretrain", *overrides], stdout=log, stderr=subprocess.STDOUT, env=env)
     return run, code, time.perf_counter() - start
 
 
 def run_study(runs: Sequence[PlannedRun], workers: int, threads: int | None) -> list[PlannedRun]:
     """Train every run that has not finished; return the ones that failed."""
     pending = [r for r in runs if run_status(r.run_dir) != FINISHED]
-    print(f"{len(runs) - len(pending)} of {len(runs)} run(s) already finished; {len(pending)} to train "
-          f"({workers} at a time)", flush=True)
+    print(f"{len(runs) - len(pending)} of {len(runs)} run(s) already finished; {len(pending)} to train ({workers} at a time)", flush=True)
     failed = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done, (run, code, seconds) in enumerate(pool.map(lambda r: train(r, threads), pending), start=1):
             status = run_status(run.run_dir)
             ok = code == 0 and status == FINISHED
-            print(f"[{done}/{len(pending)}] {run.label}: {'finished' if ok else f'FAILED (exit {code}, {status})'} "
-                  f"in {seconds:.0f} s", flush=True)
+            print(f"[{done}/{len(pending)}] {run.label}: {'finished' if ok else f'FAILED (exit {code}, {status})'} in {seconds:.0f} s", flush=True)
             if not ok:
                 failed.append(run)
     return failed
@@ -219,8 +236,7 @@ def write_report(out_dir: Path, recipe: Recipe) -> list[Path]:
     written = compare(runs, report, group_by=recipe.group_by, html=True, overwrite=True)
     jd_runs, _ = split_by_metric(runs, GD_SIMILARITY)
     if jd_runs:
-        written += plot_gd_similarity(jd_runs, report / "gd_similarity", group_by=recipe.group_by, band=True,
-                                      smooth=20, overwrite=True)
+        written += plot_gd_similarity(jd_runs, report / "gd_similarity", group_by=recipe.group_by, band=True, smooth=20, overwrite=True)
     return written
 
 
@@ -251,11 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="study folder (runs/ and report/)")
     parser.add_argument("--arms", type=_names, default=None, metavar="A,B", help="only these arms")
     parser.add_argument("--seeds", type=_seeds, default=None, metavar="0,1", help="only these seeds")
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                        help="a pretrain.py override for every run (repeatable)")
+    parser.add_argument(
+        "--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="a pretrain.py override for every run (repeatable)"
+    )
     parser.add_argument("--workers", type=_positive, default=1, help="runs trained at once (default 1)")
-    parser.add_argument("--threads", type=_positive, default=None,
-                        help="torch threads per run (OMP_NUM_THREADS; default: torch's choice)")
+    parser.add_argument("--threads", type=_positive, default=None, help="torch threads per run (OMP_NUM_THREADS; default: torch's choice)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the runs there are")
     parser.add_argument("--list", action="store_true", help="print the recipe's runs and their state, then stop")
     return parser
@@ -290,8 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in written:
         print(f"wrote {path}")
     if failed:
-        print(f"{len(failed)} run(s) failed (their logs are in {args.out / LOGS_FOLDER}): " + ", ".join(r.label for r in failed),
-              file=sys.stderr)
+        print(f"{len(failed)} run(s) failed (their logs are in {args.out / LOGS_FOLDER}): " + ", ".join(r.label for r in failed), file=sys.stderr)
         return 1
     return 0
 

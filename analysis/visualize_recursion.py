@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -36,7 +37,6 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Polygon, Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from dataset.common import BLANK_IDENTIFIER, DatasetError, DatasetMetadata, read_identifiers, read_metadata, read_split  # noqa: E402
 from analysis.evaluate import (  # noqa: E402
     USER_ERRORS,
     EvalInputError,
@@ -47,6 +47,7 @@ from analysis.evaluate import (  # noqa: E402
     read_checkpoint,
     run_dir_of,
 )
+from dataset.common import BLANK_IDENTIFIER, DatasetError, DatasetMetadata, read_identifiers, read_metadata, read_split  # noqa: E402
 from models.loss_terms import IGNORE_LABEL_ID  # noqa: E402
 from models.recursive_reasoning.act import ACTModel  # noqa: E402
 
@@ -269,6 +270,28 @@ def _arc_grid_note(tokens: np.ndarray, target: np.ndarray) -> str:
     return ""
 
 
+def _legend_handles(kind: str) -> list[Any]:
+    """The figure's legend: what a red frame, a corner mark and (per task) the colours mean."""
+    handles: list[Any] = [
+        Patch(facecolor="none", edgecolor=WRONG_COLOUR, linewidth=2, label="differs from the target"),
+        Line2D(
+            [],
+            [],
+            marker=[(0, 0), (1, 0), (0, -1), (0, 0)],
+            linestyle="none",
+            markerfacecolor="white",
+            markeredgecolor="black",
+            markersize=9,
+            label="changed since the previous step",
+        ),
+    ]
+    if kind == "sudoku":
+        handles.append(Patch(facecolor="white", edgecolor=FILLED_COLOUR, label="blue digits: filled in by the model"))
+    if kind == "maze":
+        handles += [Patch(color=MAZE_COLOURS[token], label=name) for token, name in ((1, "wall"), (3, "start"), (4, "goal"), (5, "path"))]
+    return handles
+
+
 def render_recursion(example: Example, steps: Sequence[StepPrediction], out_path: Path | str, title: str, dpi: int = 120) -> Path:
     """Draw input, every step's answer and the target into one PNG at ``out_path``; return the path."""
     out_path = Path(out_path)
@@ -289,9 +312,7 @@ def render_recursion(example: Example, steps: Sequence[StepPrediction], out_path
     nrows = -(-panels // ncols)
     size = max(2.2, min(3.6, 0.32 * max(rows, cols)))
     title_height = 0.75 if metadata.kind == "arc" else 0.55  # two or three lines of text above each panel
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(size * ncols, (size + title_height) * nrows + 0.9), squeeze=False, layout="constrained"
-    )
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (size + title_height) * nrows + 0.9), squeeze=False, layout="constrained")
     flat_axes = list(axes.flat)
 
     _draw_grid(flat_axes[0], crop(inputs), metadata)
@@ -314,17 +335,7 @@ def render_recursion(example: Example, steps: Sequence[StepPrediction], out_path
     for ax in flat_axes[panels:]:
         ax.axis("off")
 
-    handles = [
-        Patch(facecolor="none", edgecolor=WRONG_COLOUR, linewidth=2, label="differs from the target"),
-        Line2D(
-            [], [], marker=[(0, 0), (1, 0), (0, -1), (0, 0)], linestyle="none", markerfacecolor="white", markeredgecolor="black",
-            markersize=9, label="changed since the previous step",
-        ),
-    ]
-    if metadata.kind == "sudoku":
-        handles.append(Patch(facecolor="white", edgecolor=FILLED_COLOUR, label="blue digits: filled in by the model"))
-    if metadata.kind == "maze":
-        handles += [Patch(color=MAZE_COLOURS[token], label=name) for token, name in ((1, "wall"), (3, "start"), (4, "goal"), (5, "path"))]
+    handles = _legend_handles(metadata.kind)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     try:
@@ -351,10 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", default=None, metavar="PNG", help="output file (default: RUN_DIR/visualizations/recursion-SPLIT-K-step_N.png)")
     parser.add_argument("--overwrite", action="store_true", help="allow replacing an existing --out file")
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: when the checkpoint has them)")
+    parser.add_argument(
+        "--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: when the checkpoint has them)"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dpi", type=int, default=120)
-    parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="reference checkpoints: a config value (e.g. arch.num_heads=8)")
+    parser.add_argument(
+        "--set", action="append", default=None, metavar="KEY=VALUE", help="reference checkpoints: a config value (e.g. arch.num_heads=8)"
+    )
     return parser
 
 

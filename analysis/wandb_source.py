@@ -11,15 +11,14 @@ Sources are written ``wandb:ENTITY/PROJECT`` (every run), ``wandb:ENTITY/PROJECT
 
 from __future__ import annotations
 
-import netrc
 import os
 import re
 import socket
 import sys
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from tqdm import tqdm
@@ -30,8 +29,10 @@ from training.wandb_credentials import DEFAULT_BASE_URL, find_wandb_credentials
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 _NAME = r"[A-Za-z0-9_.\-]+"
 _SOURCE_PATTERN = re.compile(rf"^({_NAME})/({_NAME})(?:/({_NAME})|@(.+))?$")
-_HOW_TO_ENABLE = ("To read W&B, run `wandb login` (or set WANDB_API_KEY) on a machine with network access; "
-                  "without W&B, point the command at local run directories (runs/<project_name>/...) instead")
+_HOW_TO_ENABLE = (
+    "To read W&B, run `wandb login` (or set WANDB_API_KEY) on a machine with network access; "
+    "without W&B, point the command at local run directories (runs/<project_name>/...) instead"
+)
 
 
 class WandbUnavailableError(RuntimeError):
@@ -54,11 +55,10 @@ class WandbSource:
 
 def parse_wandb_source(text: str) -> WandbSource:
     """Parse ``[wandb:]ENTITY/PROJECT``, ``.../RUN_ID`` or ``...@GROUP``; ValueError names the accepted forms."""
-    body = text[len(WANDB_PREFIX):] if text.startswith(WANDB_PREFIX) else text
+    body = text[len(WANDB_PREFIX) :] if text.startswith(WANDB_PREFIX) else text
     match = _SOURCE_PATTERN.match(body)
     if match is None:
-        raise ValueError(f"not a W&B source: {text!r}; accepted: wandb:ENTITY/PROJECT, "
-                         "wandb:ENTITY/PROJECT/RUN_ID, wandb:ENTITY/PROJECT@GROUP")
+        raise ValueError(f"not a W&B source: {text!r}; accepted: wandb:ENTITY/PROJECT, wandb:ENTITY/PROJECT/RUN_ID, wandb:ENTITY/PROJECT@GROUP")
     entity, project, run_id, group = match.groups()
     return WandbSource(entity=entity, project=project, run_id=run_id, group=group)
 
@@ -68,8 +68,10 @@ def wandb_unavailable_reason(environ: Mapping[str, str] | None = None) -> str | 
     environ = os.environ if environ is None else environ
     mode = environ.get("WANDB_MODE", "").strip().lower()
     if mode in OFFLINE_MODES:
-        return (f"W&B is in {mode} mode (WANDB_MODE={environ['WANDB_MODE']}); unset WANDB_MODE or set "
-                f"WANDB_MODE=online. Offline runs can be uploaded with `wandb sync RUN_DIR/wandb/offline-run-*`")
+        return (
+            f"W&B is in {mode} mode (WANDB_MODE={environ['WANDB_MODE']}); unset WANDB_MODE or set "
+            f"WANDB_MODE=online. Offline runs can be uploaded with `wandb sync RUN_DIR/wandb/offline-run-*`"
+        )
     if environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
         return "W&B is disabled (WANDB_DISABLED is set); unset it"
     if find_wandb_credentials(environ) is None:
@@ -112,8 +114,7 @@ def check_reachable(base_url: str, timeout_s: float = 3.0) -> None:
             connection.settimeout(timeout_s)
             connection.connect(address)
     except OSError as error:
-        raise WandbUnavailableError(f"cannot reach W&B at {base_url} within {timeout_s:g} s ({error}). "
-                                    f"{_HOW_TO_ENABLE}.") from error
+        raise WandbUnavailableError(f"cannot reach W&B at {base_url} within {timeout_s:g} s ({error}). {_HOW_TO_ENABLE}.") from error
 
 
 def ensure_wandb_available(environ: Mapping[str, str] | None = None, timeout_s: float = 3.0) -> None:
@@ -125,9 +126,14 @@ def ensure_wandb_available(environ: Mapping[str, str] | None = None, timeout_s: 
     check_reachable(environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL), timeout_s=timeout_s)
 
 
-def run_from_history(name: str, source: str, config: Mapping[str, Any],
-                     rows: Iterable[Mapping[str, Any]], summary: Mapping[str, Any] | None = None,
-                     group: str | None = None) -> Run:
+def run_from_history(
+    name: str,
+    source: str,
+    config: Mapping[str, Any],
+    rows: Iterable[Mapping[str, Any]],
+    summary: Mapping[str, Any] | None = None,
+    group: str | None = None,
+) -> Run:
     """A ``Run`` from W&B history rows (dicts with ``_step``); W&B's own ``_``-keys are dropped.
 
     ``group`` is the run's W&B group, which the trainer sets to the project name.
@@ -139,8 +145,14 @@ def run_from_history(name: str, source: str, config: Mapping[str, Any],
         record = {k: v for k, v in row.items() if not k.startswith("_")}
         record["step"] = int(row["_step"])
         records.append(record)
-    return Run(name=name, source=source, config=dict(config), metrics=MetricTable.from_records(records),
-               summary=dict(summary or {}), default_project=group or UNKNOWN)
+    return Run(
+        name=name,
+        source=source,
+        config=dict(config),
+        metrics=MetricTable.from_records(records),
+        summary=dict(summary or {}),
+        default_project=group or UNKNOWN,
+    )
 
 
 def load_wandb_runs(source: str | WandbSource, progress: bool = True, timeout_s: int = 20) -> list[Run]:
@@ -162,21 +174,24 @@ def load_wandb_runs(source: str | WandbSource, progress: bool = True, timeout_s:
         where = f" in group {selection.group!r}" if selection.group else ""
         raise WandbUnavailableError(f"W&B project {selection.path} has no runs{where}")
     runs = []
-    for remote in tqdm(remote_runs, desc=f"downloading {selection.path}", unit="run",
-                       disable=not progress, file=sys.stderr):
+    for remote in tqdm(remote_runs, desc=f"downloading {selection.path}", unit="run", disable=not progress, file=sys.stderr):
         try:
-            runs.append(run_from_history(
-                name=remote.name, source=f"{WANDB_PREFIX}{selection.path}/{remote.id}",
-                config=dict(remote.config), rows=remote.scan_history(),
-                summary={"status": remote.state}, group=remote.group))
+            runs.append(
+                run_from_history(
+                    name=remote.name,
+                    source=f"{WANDB_PREFIX}{selection.path}/{remote.id}",
+                    config=dict(remote.config),
+                    rows=remote.scan_history(),
+                    summary={"status": remote.state},
+                    group=remote.group,
+                )
+            )
         except Exception as error:  # the history is paged over the network
-            raise WandbUnavailableError(f"downloading the history of W&B run {selection.path}/{remote.id} "
-                                        f"failed: {error}") from error
+            raise WandbUnavailableError(f"downloading the history of W&B run {selection.path}/{remote.id} failed: {error}") from error
     return runs
 
 
-def create_wandb_report(entity_project: str, runs: Sequence[Run], metrics: Sequence[str],
-                        title: str, description: str = "") -> str:
+def create_wandb_report(entity_project: str, runs: Sequence[Run], metrics: Sequence[str], title: str, description: str = "") -> str:
     """Publish a W&B report plotting ``metrics`` for the runs' groups (their ``project_name``); return its URL.
 
     Needs W&B online and the ``wandb-workspaces`` package; raises ``WandbUnavailableError`` otherwise.
@@ -188,17 +203,29 @@ def create_wandb_report(entity_project: str, runs: Sequence[Run], metrics: Seque
     try:
         import wandb_workspaces.reports.v2 as wr
     except ImportError as error:
-        raise WandbUnavailableError("creating a W&B report needs the wandb-workspaces package: "
-                                    "pip install wandb-workspaces") from error
+        raise WandbUnavailableError("creating a W&B report needs the wandb-workspaces package: pip install wandb-workspaces") from error
     groups = sorted({run.project for run in runs} - {UNKNOWN})
     filters = "group in [" + ", ".join(repr(g) for g in groups) + "]" if groups else ""
     try:
-        runset = wr.Runset(entity=source.entity, project=source.project, name="runs compared",
-                           filters=filters, groupby=["config.jd.split", "config.jd.aggregator", "config.jd.scalarizer"])
+        runset = wr.Runset(
+            entity=source.entity,
+            project=source.project,
+            name="runs compared",
+            filters=filters,
+            groupby=["config.jd.split", "config.jd.aggregator", "config.jd.scalarizer"],
+        )
         panels = [wr.LinePlot(title=metric, x="Step", y=[metric]) for metric in metrics]
-        report = wr.Report(entity=source.entity, project=source.project, title=title, description=description,
-                           blocks=[wr.H1(title), wr.P(description or "Runs grouped by jd.split, jd.aggregator and jd.scalarizer."),
-                                   wr.PanelGrid(runsets=[runset], panels=panels)])
+        report = wr.Report(
+            entity=source.entity,
+            project=source.project,
+            title=title,
+            description=description,
+            blocks=[
+                wr.H1(title),
+                wr.P(description or "Runs grouped by jd.split, jd.aggregator and jd.scalarizer."),
+                wr.PanelGrid(runsets=[runset], panels=panels),
+            ],
+        )
         report.save()
     except Exception as error:  # wandb-workspaces validation, network or permission failures
         raise WandbUnavailableError(f"creating the W&B report in {source.path} failed: {error}") from error

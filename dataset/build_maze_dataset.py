@@ -24,12 +24,12 @@ openings add loops, each kept only if the shortest path stays unique and long en
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import csv
 import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -140,9 +140,7 @@ def _carve_perfect_maze(size: int, rng: np.random.Generator) -> np.ndarray:
     while stack:
         r, c = stack[-1]
         options = [
-            (nr, nc)
-            for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))
-            if 0 <= nr < lattice and 0 <= nc < lattice and not visited[nr, nc]
+            (nr, nc) for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)) if 0 <= nr < lattice and 0 <= nc < lattice and not visited[nr, nc]
         ]
         if not options:
             stack.pop()
@@ -179,8 +177,7 @@ def _add_loops(grid: np.ndarray, openings: int, min_path_length: int, rng: np.ra
         (r, c)
         for r in range(rows)
         for c in range(cols)
-        if grid[r, c] == WALL
-        and (r % 2 == 0 and c % 2 == 1 and c + 1 < cols or r % 2 == 1 and c % 2 == 0 and r + 1 < rows)
+        if grid[r, c] == WALL and (r % 2 == 0 and c % 2 == 1 and c + 1 < cols or r % 2 == 1 and c % 2 == 0 and r + 1 < rows)
     ]
     for index in rng.permutation(len(walls))[:openings]:
         cell = walls[index]
@@ -457,7 +454,9 @@ def build_maze_from_csv(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser, generated = csv_or_generate_parser(
-        __doc__.split("\n\n")[0], puzzle="mazes with a unique shortest path", csv_name="Maze-Hard",
+        __doc__.split("\n\n")[0],
+        puzzle="mazes with a unique shortest path",
+        csv_name="Maze-Hard",
         num_aug_help="extra dihedral copies per train maze (0-7)",
     )
     generated.add_argument("--size", type=int, default=12, help=f"grid side, 3..{MAX_GENERATED_SIZE}")

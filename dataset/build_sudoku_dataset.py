@@ -24,11 +24,11 @@ The generator is also a library: :func:`generate_sudoku`, :func:`count_solutions
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import csv
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -249,9 +249,7 @@ def _dig_holes(solution: np.ndarray, givens: int, rng: np.random.Generator) -> n
     return np.array(cells, dtype=np.int64).reshape(size, size)
 
 
-def generate_sudoku(
-    size: int, givens: int, rng: np.random.Generator, max_attempts: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
+def generate_sudoku(size: int, givens: int, rng: np.random.Generator, max_attempts: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Generate ``(puzzle, solution)``: a ``size x size`` puzzle (0 = blank) with exactly one solution.
 
     Clues are removed from a random full grid in random order, keeping a removal only while the
@@ -292,9 +290,7 @@ def _block_permutations(count: int, blocks: int, block_size: int, rng: np.random
     return (block_order[:, :, None] * block_size + inner).reshape(count, blocks * block_size)
 
 
-def augment_sudoku_batch(
-    puzzle: np.ndarray, solution: np.ndarray, count: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def augment_sudoku_batch(puzzle: np.ndarray, solution: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``count`` random rule-preserving transforms of one puzzle and its solution, ``[count, size, size]`` each.
 
     Each copy gets its own digit relabelling, band and stack permutations, row-within-band and
@@ -318,9 +314,7 @@ def augment_sudoku_batch(
     return transform(puzzle), transform(solution)
 
 
-def augment_sudoku(
-    puzzle: np.ndarray, solution: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def augment_sudoku(puzzle: np.ndarray, solution: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Apply one random symmetry of the sudoku rules to a puzzle and its solution (see :func:`augment_sudoku_batch`)."""
     puzzles, solutions = augment_sudoku_batch(puzzle, solution, 1, rng)
     return puzzles[0], solutions[0]
@@ -406,6 +400,33 @@ def _givens_range(size: int, givens: int | None, min_givens: int | None, max_giv
     return low, high
 
 
+def _distinct_sudokus(
+    size: int, wanted: int, low: int, high: int, rng: np.random.Generator, max_attempts: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``wanted`` distinct uniquely solvable puzzles (``low``-``high`` givens each) and their solutions."""
+    seen: set[bytes] = set()
+    puzzles = np.empty((wanted, size, size), dtype=np.uint8)
+    solutions = np.empty_like(puzzles)
+    found = attempts = 0
+    with tqdm(total=wanted, desc=f"generate {size}x{size} sudoku", disable=not progress) as bar:
+        while found < wanted:
+            if attempts >= max_attempts:
+                raise DatasetError(
+                    f"found only {found} distinct {size}x{size} sudokus with {low}-{high} givens in {attempts} "
+                    f"draws, {wanted} asked; lower num_train/num_test or raise the givens"
+                )
+            attempts += 1
+            puzzle, solution = generate_sudoku(size, int(rng.integers(low, high + 1)), rng)
+            key = puzzle.astype(np.uint8).tobytes()
+            if key in seen:
+                continue
+            seen.add(key)
+            puzzles[found], solutions[found] = puzzle, solution
+            found += 1
+            bar.update(1)
+    return puzzles, solutions
+
+
 def build_generated_sudoku(
     output_dir: str | Path,
     size: int = 4,
@@ -435,26 +456,7 @@ def build_generated_sudoku(
     _check_output_dir(output_dir, overwrite)
     rng = np.random.default_rng(seed)
     wanted = num_train + num_test
-    seen: set[bytes] = set()
-    puzzles = np.empty((wanted, size, size), dtype=np.uint8)
-    solutions = np.empty_like(puzzles)
-    found = attempts = 0
-    with tqdm(total=wanted, desc=f"generate {size}x{size} sudoku", disable=not progress) as bar:
-        while found < wanted:
-            if attempts >= max_attempts_factor * wanted:
-                raise DatasetError(
-                    f"found only {found} distinct {size}x{size} sudokus with {low}-{high} givens in {attempts} "
-                    f"draws, {wanted} asked; lower num_train/num_test or raise the givens"
-                )
-            attempts += 1
-            puzzle, solution = generate_sudoku(size, int(rng.integers(low, high + 1)), rng)
-            key = puzzle.astype(np.uint8).tobytes()
-            if key in seen:
-                continue
-            seen.add(key)
-            puzzles[found], solutions[found] = puzzle, solution
-            found += 1
-            bar.update(1)
+    puzzles, solutions = _distinct_sudokus(size, wanted, low, high, rng, max_attempts_factor * wanted, progress)
     clue_counts = np.count_nonzero(puzzles.reshape(wanted, -1), axis=1)
     builder = {
         "source": "generated",
@@ -511,41 +513,7 @@ def read_sudoku_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: CSV file not found (expected a header {','.join(CSV_HEADER)})")
-    questions: list[str] = []
-    answers: list[str] = []
-    lines: list[int] = []
-    size: int | None = None
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or [name.strip() for name in header[:4]] != list(CSV_HEADER):
-            raise DatasetError(f"{path}: header is {header}, expected {','.join(CSV_HEADER)}")
-        for row in reader:
-            if not row:
-                continue
-            where = f"{path}, row {len(questions) + 1} (line {reader.line_num})"
-            if len(row) != len(CSV_HEADER):
-                raise DatasetError(f"{where}: {len(row)} fields, expected {len(CSV_HEADER)} ({','.join(CSV_HEADER)})")
-            question, answer = row[1].strip(), row[2].strip()
-            row_size = _SIZE_OF_LENGTH.get(len(question))
-            if row_size is None:
-                accepted = ", ".join(f"{length} ({s}x{s})" for length, s in _SIZE_OF_LENGTH.items())
-                raise DatasetError(f"{where}: question has {len(question)} characters; accepted lengths: {accepted}")
-            if size is None:
-                size = row_size
-            elif row_size != size:
-                raise DatasetError(f"{where}: a {row_size}x{row_size} grid in a file of {size}x{size} grids")
-            if len(answer) != len(question):
-                raise DatasetError(f"{where}: answer has {len(answer)} characters, question {len(question)}")
-            for column, text in (("question", question), ("answer", answer)):
-                if not text.isascii():
-                    position = next(i for i, char in enumerate(text) if not char.isascii())
-                    raise DatasetError(f"{where}: {column} has {text[position]!r} at position {position}")
-            questions.append(question)
-            answers.append(answer)
-            lines.append(reader.line_num)
-    if size is None:
-        raise DatasetError(f"{path}: no puzzles after the header")
+    questions, answers, lines, size = _read_csv_rows(path)
 
     def where(row: int) -> str:
         return f"{path}, row {row + 1} (line {lines[row]})"
@@ -559,13 +527,63 @@ def read_sudoku_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if bad is not None:
             text = (questions if column == "question" else answers)[bad[0]]
             raise DatasetError(f"{where(bad[0])}: {column} has {text[bad[1]]!r} at position {bad[1]}; accepted: {accepted}")
+    _check_solutions(puzzles, solutions, where)
+    return puzzles, solutions
+
+
+def _read_csv_rows(path: Path) -> tuple[list[str], list[str], list[int], int]:
+    """The questions, answers and line numbers of every row, and the grid size; a malformed row is named."""
+    questions: list[str] = []
+    answers: list[str] = []
+    lines: list[int] = []
+    size: int | None = None
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or [name.strip() for name in header[:4]] != list(CSV_HEADER):
+            raise DatasetError(f"{path}: header is {header}, expected {','.join(CSV_HEADER)}")
+        for row in reader:
+            if not row:
+                continue
+            where = f"{path}, row {len(questions) + 1} (line {reader.line_num})"
+            question, answer, row_size = _checked_row(row, where)
+            if size is None:
+                size = row_size
+            elif row_size != size:
+                raise DatasetError(f"{where}: a {row_size}x{row_size} grid in a file of {size}x{size} grids")
+            questions.append(question)
+            answers.append(answer)
+            lines.append(reader.line_num)
+    if size is None:
+        raise DatasetError(f"{path}: no puzzles after the header")
+    return questions, answers, lines, size
+
+
+def _checked_row(row: list[str], where: str) -> tuple[str, str, int]:
+    """A row's question, answer and grid size, or a :class:`DatasetError` naming what is wrong."""
+    if len(row) != len(CSV_HEADER):
+        raise DatasetError(f"{where}: {len(row)} fields, expected {len(CSV_HEADER)} ({','.join(CSV_HEADER)})")
+    question, answer = row[1].strip(), row[2].strip()
+    row_size = _SIZE_OF_LENGTH.get(len(question))
+    if row_size is None:
+        accepted = ", ".join(f"{length} ({s}x{s})" for length, s in _SIZE_OF_LENGTH.items())
+        raise DatasetError(f"{where}: question has {len(question)} characters; accepted lengths: {accepted}")
+    if len(answer) != len(question):
+        raise DatasetError(f"{where}: answer has {len(answer)} characters, question {len(question)}")
+    for column, text in (("question", question), ("answer", answer)):
+        if not text.isascii():
+            position = next(i for i, char in enumerate(text) if not char.isascii())
+            raise DatasetError(f"{where}: {column} has {text[position]!r} at position {position}")
+    return question, answer, row_size
+
+
+def _check_solutions(puzzles: np.ndarray, solutions: np.ndarray, where: Callable[[int], str]) -> None:
+    """Every answer a valid solution that keeps its question's givens (vectorised, in chunks)."""
     for start in range(0, len(puzzles), _VALIDATION_CHUNK):
         chunk = slice(start, start + _VALIDATION_CHUNK)
         invalid = np.flatnonzero(~valid_solutions(solutions[chunk]))
         if len(invalid):
-            raise DatasetError(
-                f"{where(start + int(invalid[0]))}: answer is not a valid solution (a digit repeats in a row, column or box)"
-            )
+            raise DatasetError(f"{where(start + int(invalid[0]))}: answer is not a valid solution (a digit repeats in a row, column or box)")
         clashes = np.argwhere((puzzles[chunk] != 0) & (puzzles[chunk] != solutions[chunk]))
         if len(clashes):
             row, r, c = (int(x) for x in clashes[0])
@@ -573,7 +591,6 @@ def read_sudoku_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                 f"{where(start + row)}: question and answer disagree on a given at row {r}, column {c} "
                 f"({puzzles[start + row, r, c]} vs {solutions[start + row, r, c]})"
             )
-    return puzzles, solutions
 
 
 def build_sudoku_from_csv(
@@ -597,9 +614,7 @@ def build_sudoku_from_csv(
     rng = np.random.default_rng(seed)
     if subsample_size is not None:
         if not 1 <= subsample_size <= len(train[0]):
-            raise DatasetError(
-                f"--subsample-size {subsample_size}: {input_csv} has {len(train[0])} rows; accepted 1..{len(train[0])}"
-            )
+            raise DatasetError(f"--subsample-size {subsample_size}: {input_csv} has {len(train[0])} rows; accepted 1..{len(train[0])}")
         chosen = np.sort(rng.choice(len(train[0]), size=subsample_size, replace=False))
         train = (train[0][chosen], train[1][chosen])
     builder = csv_provenance(input_csv, test_csv, subsample_size, num_aug, seed)
@@ -613,7 +628,9 @@ def build_sudoku_from_csv(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser, generated = csv_or_generate_parser(
-        __doc__.split("\n\n")[0], puzzle="puzzles with a unique solution", csv_name="Sudoku-Extreme",
+        __doc__.split("\n\n")[0],
+        puzzle="puzzles with a unique solution",
+        csv_name="Sudoku-Extreme",
         num_aug_help="extra augmented copies per train puzzle",
     )
     generated.add_argument("--size", type=int, choices=sorted(BOX_SHAPES), default=9)

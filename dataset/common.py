@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +38,30 @@ import numpy as np
 
 from dataset.metadata import (
     ARRAY_NAMES as ARRAY_NAMES,
+)
+from dataset.metadata import (
     BLANK_IDENTIFIER as BLANK_IDENTIFIER,
+)
+from dataset.metadata import (
     FORMAT_VERSION as FORMAT_VERSION,
+)
+from dataset.metadata import (
     SPLITS as SPLITS,
+)
+from dataset.metadata import (
     DatasetError as DatasetError,
+)
+from dataset.metadata import (
     DatasetMetadata as DatasetMetadata,
+)
+from dataset.metadata import (
     SplitArrays as SplitArrays,
+)
+from dataset.metadata import (
     SplitInfo as SplitInfo,
 )
 from dataset.reference_format import is_reference_dataset, read_reference_metadata, read_reference_split
+
 
 def write_dataset(
     output_dir: str | Path,
@@ -67,9 +81,7 @@ def write_dataset(
     if output_dir.exists() and not overwrite:
         raise DatasetError(f"{output_dir} already exists; choose another --output-dir or pass --overwrite")
     if len(identifiers) != metadata.num_puzzle_identifiers:
-        raise DatasetError(
-            f"{len(identifiers)} identifiers for num_puzzle_identifiers={metadata.num_puzzle_identifiers}"
-        )
+        raise DatasetError(f"{len(identifiers)} identifiers for num_puzzle_identifiers={metadata.num_puzzle_identifiers}")
     for name, arrays in splits.items():
         arrays.validate(metadata, f"{output_dir}/{name}")
         metadata.splits[name] = arrays.info()
@@ -121,9 +133,7 @@ def read_metadata(dataset_dir: str | Path) -> DatasetMetadata:
     return DatasetMetadata.from_json(data, source=str(path))
 
 
-def read_split_parts(
-    dataset_dir: str | Path, split: str, metadata: DatasetMetadata | None = None, mmap: bool = False
-) -> list[SplitArrays]:
+def read_split_parts(dataset_dir: str | Path, split: str, metadata: DatasetMetadata | None = None, mmap: bool = False) -> list[SplitArrays]:
     """One split's arrays as stored: one :class:`SplitArrays` for this toolkit's folders, one per set for
     a reference folder (each with its own offsets from 0, sharing one identifier space)."""
     metadata = metadata or read_metadata(dataset_dir)
@@ -158,9 +168,7 @@ def concatenate_parts(parts: list[SplitArrays]) -> SplitArrays:
     )
 
 
-def read_split(
-    dataset_dir: str | Path, split: str, metadata: DatasetMetadata | None = None, mmap: bool = False
-) -> SplitArrays:
+def read_split(dataset_dir: str | Path, split: str, metadata: DatasetMetadata | None = None, mmap: bool = False) -> SplitArrays:
     """Load and validate one split's arrays (``mmap``: map ``inputs``/``labels`` read-only instead of reading them).
 
     A reference folder whose split holds several sets gets them concatenated (in memory);

@@ -113,9 +113,7 @@ class SplitArrays:
         for name in ("inputs", "labels"):
             array = getattr(self, name)
             if examples and (array.min() < 0 or array.max() >= metadata.vocab_size):
-                raise DatasetError(
-                    f"{file(name)}: tokens span [{array.min()}, {array.max()}], outside the vocabulary [0, {metadata.vocab_size})"
-                )
+                raise DatasetError(f"{file(name)}: tokens span [{array.min()}, {array.max()}], outside the vocabulary [0, {metadata.vocab_size})")
         pi, gi = self.puzzle_indices, self.group_indices
         if len(pi) != len(self.puzzle_identifiers) + 1 or pi[0] != 0 or pi[-1] != examples or np.any(np.diff(pi) < 0):
             raise DatasetError(f"{file('puzzle_indices')}: must be non-decreasing offsets from 0 to {examples}")

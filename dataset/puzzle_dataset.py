@@ -100,9 +100,7 @@ class PuzzleDataset:
         if world_size < 1 or not 0 <= rank < world_size:
             raise DatasetError(f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size")
         if global_batch_size < 1 or global_batch_size % world_size:
-            raise DatasetError(
-                f"global_batch_size={global_batch_size} must be a positive multiple of world_size={world_size}"
-            )
+            raise DatasetError(f"global_batch_size={global_batch_size} must be a positive multiple of world_size={world_size}")
         if epochs_per_iter < 1:
             raise DatasetError(f"epochs_per_iter={epochs_per_iter} must be >= 1")
         self.paths = [Path(path) for path in paths]
@@ -120,9 +118,7 @@ class PuzzleDataset:
         _merge_metadata(self.paths, metadatas)
         for path, metadata in zip(self.paths, metadatas):
             if split not in metadata.splits:
-                raise DatasetError(
-                    f"{path} has no {split!r} split (it holds {sorted(metadata.splits)}); rebuild it with that split"
-                )
+                raise DatasetError(f"{path} has no {split!r} split (it holds {sorted(metadata.splits)}); rebuild it with that split")
         self._load(metadatas)
         if split == "train":
             self._check_trainable()
@@ -140,10 +136,7 @@ class PuzzleDataset:
         for path, metadata in zip(self.paths, metadatas):
             identifiers = read_identifiers(path)
             if len(identifiers) != metadata.num_puzzle_identifiers:
-                raise DatasetError(
-                    f"{path}/identifiers.json: {len(identifiers)} names for num_puzzle_identifiers="
-                    f"{metadata.num_puzzle_identifiers}"
-                )
+                raise DatasetError(f"{path}/identifiers.json: {len(identifiers)} names for num_puzzle_identifiers={metadata.num_puzzle_identifiers}")
             parts = read_split_parts(path, self.split, metadata, mmap=True)
             offset = 0 if not self.identifiers else len(self.identifiers) - 1
             if not self.identifiers:

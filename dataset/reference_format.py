@@ -171,15 +171,11 @@ def read_reference_split(folder: str | Path, split: str, metadata: DatasetMetada
     data = read_split_metadata(folder, split)
     parts = []
     for set_name in data["sets"]:
-        arrays = {
-            name: _load(folder / split / f"{set_name}__{name}.npy", mmap=mmap and name in ("inputs", "labels")) for name in ARRAY_NAMES
-        }
+        arrays = {name: _load(folder / split / f"{set_name}__{name}.npy", mmap=mmap and name in ("inputs", "labels")) for name in ARRAY_NAMES}
         part = SplitArrays(**arrays)
         part.validate(metadata, str(folder / split), prefix=f"{set_name}__")
         parts.append(part)
     groups = sum(len(p.group_indices) - 1 for p in parts)
     if groups != int(data["total_groups"]):
-        raise DatasetError(
-            f"{folder / split / SPLIT_METADATA_FILE}: declares total_groups={data['total_groups']}, but its sets hold {groups} groups"
-        )
+        raise DatasetError(f"{folder / split / SPLIT_METADATA_FILE}: declares total_groups={data['total_groups']}, but its sets hold {groups} groups")
     return parts

@@ -17,9 +17,10 @@ the mean over its test inputs, and ``ARC/pass@K`` is the mean over the puzzles o
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dataset.arc_augment import Augmentation, parse_name, tokens_to_grid
-from dataset.common import DatasetError, DatasetMetadata, concatenated_index, read_identifiers, read_metadata, read_split_parts
 from dataset.atomic import atomic_write_text
+from dataset.common import DatasetError, DatasetMetadata, concatenated_index, read_identifiers, read_metadata, read_split_parts
 
 BLANK_SUBMISSION_GRID = [[0]]
 
@@ -173,9 +174,7 @@ class ARCEvaluator:
         votes: dict[tuple[str, int], list[tuple[np.ndarray, float]]] = {}
         for prediction in predictions.values():
             if prediction.grid is not None:
-                votes.setdefault((prediction.base, prediction.test_index), []).append(
-                    (prediction.grid, prediction.confidence)
-                )
+                votes.setdefault((prediction.base, prediction.test_index), []).append((prediction.grid, prediction.confidence))
 
         totals = dict.fromkeys(self.pass_ks, 0.0)
         submission: dict[str, list[dict[str, list[list[int]]]]] = {}

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import get_args
 
-from jd.aggregators import required_kwargs, accepted_kwargs, aggregator_names
+from jd.aggregators import accepted_kwargs, aggregator_names, required_kwargs
 from jd.config import JDConfig
 from jd.scalarizers import accepted_arguments, scalarizer_names
 from jd.splits import INTERNAL_LOSSES, SUPERVISION_LOOPS, get_split, split_names
@@ -36,10 +36,13 @@ def describe() -> str:
         required, optional = accepted_arguments(name)
         lines.append(f"  {name:<14} {', '.join([f'{a}*' for a in required] + optional)}")
     engines = get_args(JDConfig.model_fields["engine"].annotation)
-    lines += ["", f"jd.engine: {', '.join(engines)}",
-              f"jd.supervision_loop (supervision stacks): {', '.join(SUPERVISION_LOOPS)} (default {SUPERVISION_LOOPS[0]}, the JD study's)",
-              f"jd.internal_loss (internal-cycle stacks): {', '.join(INTERNAL_LOSSES)} (default {INTERNAL_LOSSES[0]}, the JD study's)",
-              f"jd.distributed: {', '.join(get_args(JDConfig.model_fields['distributed'].annotation))}"]
+    lines += [
+        "",
+        f"jd.engine: {', '.join(engines)}",
+        f"jd.supervision_loop (supervision stacks): {', '.join(SUPERVISION_LOOPS)} (default {SUPERVISION_LOOPS[0]}, the JD study's)",
+        f"jd.internal_loss (internal-cycle stacks): {', '.join(INTERNAL_LOSSES)} (default {INTERNAL_LOSSES[0]}, the JD study's)",
+        f"jd.distributed: {', '.join(get_args(JDConfig.model_fields['distributed'].annotation))}",
+    ]
     config = Path(__file__).resolve().parents[1] / "config"
     for group in ("experiment", "compat", "arch"):
         names = sorted(p.stem for p in (config / group).glob("*.yaml"))

@@ -111,11 +111,7 @@ def required_kwargs(name: str) -> list[str]:
     if name == "cr_mogm":
         return []
     params = inspect.signature(entry.cls.__init__).parameters
-    return sorted(
-        p
-        for p in accepted_kwargs(name)
-        if params[p].default is inspect.Parameter.empty and p not in entry.defaults_from_m
-    )
+    return sorted(p for p in accepted_kwargs(name) if params[p].default is inspect.Parameter.empty and p not in entry.defaults_from_m)
 
 
 def _is_tensor_annotation(annotation: Any) -> bool:
@@ -132,7 +128,9 @@ def _projector(name: str, value: Any) -> DualConeProjector:
     if value is None:
         return PivotingProjector()
     if not isinstance(value, Mapping):
-        raise ValueError(f"jd.aggregator_kwargs.projector for {name!r} must be a dict with keys solver ({'|'.join(PROJECTOR_SOLVERS)}), norm_eps, reg_eps")
+        raise ValueError(
+            f"jd.aggregator_kwargs.projector for {name!r} must be a dict with keys solver ({'|'.join(PROJECTOR_SOLVERS)}), norm_eps, reg_eps"
+        )
     unknown = sorted(set(value) - {"solver", "norm_eps", "reg_eps"})
     if unknown:
         raise ValueError(f"jd.aggregator_kwargs.projector: unknown key(s) {unknown}; accepted: ['norm_eps', 'reg_eps', 'solver']")
@@ -309,8 +307,9 @@ class AggregatorCache:
         """The aggregator for ``m`` objectives; ``ValueError`` when its kwargs are sized for another ``m``."""
         expected = expected_num_objectives(self.name, self.kwargs)
         if expected is not None and expected != m:
-            raise ValueError(f"jd.aggregator_kwargs of {self.name} are sized for {expected} objectives, but jd.split={self.split_name} "
-                             f"gives m={m} here")
+            raise ValueError(
+                f"jd.aggregator_kwargs of {self.name} are sized for {expected} objectives, but jd.split={self.split_name} gives m={m} here"
+            )
         if self._aggregator is None or (self._m is not None and self._m != m):
             self._aggregator = build_aggregator(self.name, self.kwargs, num_objectives=m)
             self._m = m

@@ -46,8 +46,7 @@ class JDConfig(BaseModel):
     differential_loss: bool = False
     differential_first_step: Literal["zeros", "replaced_sample"] = Field(
         default="zeros",
-        description="jd.differential_loss at a new sample's first step: subtract zeros, or the final logits of the sample "
-        "it replaced (the JD study)",
+        description="jd.differential_loss at a new sample's first step: subtract zeros, or the final logits of the sample it replaced (the JD study)",
     )
     carry_perturbation_rate: float = Field(default=0.0, ge=0.0)
     carry_perturbation: Literal["carried_samples", "stack_steps"] = Field(
@@ -107,7 +106,9 @@ class JDConfig(BaseModel):
         from jd.scalarizers import scalarizer_names
 
         key, name, names = (
-            ("aggregator", self.aggregator, aggregator_names()) if self.aggregator is not None else ("scalarizer", self.scalarizer, scalarizer_names())
+            ("aggregator", self.aggregator, aggregator_names())
+            if self.aggregator is not None
+            else ("scalarizer", self.scalarizer, scalarizer_names())
         )
         if name not in names:
             close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)

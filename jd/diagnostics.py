@@ -43,9 +43,7 @@ def diagnostics_from_weights(gramian: Tensor, weights: Tensor) -> dict[str, floa
     return _metrics(g, projections, w @ projections, w)
 
 
-def diagnostics_from_update(
-    gramian: Tensor, projections: Tensor, update_sq_norm: Tensor, weights: Tensor | None = None
-) -> dict[str, float]:
+def diagnostics_from_update(gramian: Tensor, projections: Tensor, update_sq_norm: Tensor, weights: Tensor | None = None) -> dict[str, float]:
     """Diagnostics of an update ``d`` given ``G = J J^T``, ``projections = J d`` and ``||d||^2``."""
     g = gramian.detach().double()
     w = None if weights is None else weights.detach().double().to(g.device)

@@ -100,8 +100,17 @@ class GlobalEngine(_EngineBase):
 
     def update(self, steps: Sequence[LossTerms], params: list[Tensor], rows: list[Tensor]) -> JDUpdate:
         objectives, shared = self.objectives(steps)
-        return global_update(objectives, shared, params, rows, engine=self.name, config=self.config, split_name=self.objectives.split.name,
-                             collective=self.collective, aggregators=self.aggregators)
+        return global_update(
+            objectives,
+            shared,
+            params,
+            rows,
+            engine=self.name,
+            config=self.config,
+            split_name=self.objectives.split.name,
+            collective=self.collective,
+            aggregators=self.aggregators,
+        )
 
 
 class PerSampleEngine(_EngineBase):
@@ -128,8 +137,16 @@ class PerSampleEngine(_EngineBase):
     def update(self, steps: Sequence[LossTerms], params: list[Tensor], rows: list[Tensor]) -> JDUpdate:
         if self._leaves is None:
             return self._fallback.update(steps, params, rows)
-        return per_sample_update(steps, params, rows, split=self.objectives.split, leaves=self._leaves, config=self.config,
-                                 generator=self.objectives.generator, aggregators=self.aggregators)
+        return per_sample_update(
+            steps,
+            params,
+            rows,
+            split=self.objectives.split,
+            leaves=self._leaves,
+            config=self.config,
+            generator=self.objectives.generator,
+            aggregators=self.aggregators,
+        )
 
 
 class AutogramEngine(_EngineBase):
@@ -160,8 +177,9 @@ ENGINES: dict[str, type[_EngineBase]] = {
 aggregate one global Jacobian)."""
 
 
-def build_engine(name: str, config: JDConfig, objectives: SplitObjectives, aggregators: AggregatorCache, collective: Collective,
-                 *, exact_global: bool) -> Engine:
+def build_engine(
+    name: str, config: JDConfig, objectives: SplitObjectives, aggregators: AggregatorCache, collective: Collective, *, exact_global: bool
+) -> Engine:
     """The engine ``name`` (validated by the step) for this run's distributed rule."""
     cls = GlobalEngine if exact_global else ENGINES[name]
     return cls(name, config, objectives, aggregators, collective)

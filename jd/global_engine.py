@@ -7,17 +7,49 @@ weights (computed from the same ``G``, broadcast from rank 0) and the same param
 
 from __future__ import annotations
 
-
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
 from jd.aggregators import AggregatorCache, aggregate, gramian_weighting
 from jd.collective import Collective
 from jd.config import JDConfig
 from jd.update import JDUpdate, all_finite, flatten_blocks, gd_rows, jacobian_blocks, unflatten
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """What every rank told the others: the shared count, each rank's instance and puzzle-row counts, finiteness."""
+
+    shared: int
+    instance_counts: list[int]
+    row_counts: list[int]
+    finite: bool
+
+    @property
+    def m(self) -> int:
+        return self.shared + sum(self.instance_counts)
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each rank's per-instance objectives start in the global vector."""
+        return [self.shared + sum(self.instance_counts[:r]) for r in range(len(self.instance_counts))]
+
+    def local_index(self, rank: int, device: torch.device) -> Tensor:
+        """This rank's objectives' positions in the global vector."""
+        start = self.offsets[rank]
+        return torch.cat([torch.arange(self.shared), torch.arange(start, start + self.instance_counts[rank])]).to(device)
+
+
+def _agree_on_sizes(comm: Collective, objectives: Tensor, shared: int, row_numel: int, finite: bool, split_name: str) -> _Sizes:
+    info = torch.tensor([shared, objectives.shape[0] - shared, row_numel, int(finite)], device=objectives.device)
+    table = torch.cat(comm.all_gather_rows(info.unsqueeze(0), [1] * comm.world_size)).tolist()
+    if len({r[0] for r in table}) != 1:
+        raise RuntimeError(f"jd.split={split_name}: ranks disagree on the number of shared objectives: {[r[0] for r in table]}")
+    return _Sizes(shared, [int(r[1]) for r in table], [int(r[2]) for r in table], all(r[3] for r in table))
 
 
 def global_update(
@@ -37,75 +69,80 @@ def global_update(
     ``aggregators.for_m(m)`` is asked with the global ``m`` once every rank's objectives are known finite.
     """
     comm = collective
-    world_size = comm.world_size
     jac_rows = rows if config.include_puzzle_embedding else []
-    local_m = objectives.shape[0]
-    row_numel = sum(r.numel() for r in jac_rows)
-    device = objectives.device
     finite = all_finite(objectives)
     left_out = gd_rows(objectives, rows, config.include_puzzle_embedding) if finite else None
     finite = finite and all_finite(*(left_out or []))
-    info = torch.tensor([shared, local_m - shared, row_numel, int(finite)], device=device)
-    infos = comm.all_gather_rows(info.unsqueeze(0), [1] * world_size)
-    table = torch.cat(infos).tolist()
-    if len({r[0] for r in table}) != 1:
-        raise RuntimeError(f"jd.split={split_name}: ranks disagree on the number of shared objectives: {[r[0] for r in table]}")
-    instance_counts = [int(r[1]) for r in table]
-    row_counts = [int(r[2]) for r in table]
-    m = shared + sum(instance_counts)
-    if not all(r[3] for r in table):
-        return JDUpdate(m)
-
-    rank = comm.rank
-    offsets = [shared + sum(instance_counts[:r]) for r in range(world_size)]
-    local_index = torch.cat([torch.arange(shared), torch.arange(offsets[rank], offsets[rank] + instance_counts[rank])]).to(device)
-
-    aggregator = aggregators.for_m(m)
-    inputs = params + jac_rows
-    blocks = jacobian_blocks(objectives, inputs, config.parallel_chunk_size)
-    param_matrix = flatten_blocks(blocks[: len(params)], local_m, objectives.detach())
-    row_matrix = flatten_blocks(blocks[len(params) :], local_m, objectives.detach())
-    del blocks
-    shared_part = param_matrix[:shared].contiguous()
-    if shared > 0:
-        comm.all_reduce(shared_part)
-    instance_parts = comm.all_gather_rows(param_matrix[shared:].contiguous(), instance_counts)
-    global_params = torch.cat([shared_part, *instance_parts])  # [m, n], identical on every rank
-    del param_matrix, shared_part, instance_parts
-
-    update = JDUpdate(m)
+    sizes = _agree_on_sizes(comm, objectives, shared, sum(r.numel() for r in jac_rows), finite, split_name)
+    update = JDUpdate(sizes.m)
+    if not sizes.finite:
+        return update
+    aggregator = aggregators.for_m(sizes.m)
+    global_params, row_matrix = _gathered_params(comm, objectives, params, jac_rows, sizes, config.parallel_chunk_size)
     weighting = gramian_weighting(aggregator) if engine == "gramian" else None
     if weighting is not None:
-        gramian = global_params @ global_params.T
-        row_gramian = gramian.new_zeros(m, m)
-        row_gramian[local_index.unsqueeze(1), local_index.unsqueeze(0)] = row_matrix @ row_matrix.T
-        gramian = gramian + comm.all_reduce(row_gramian)
-        if not all_finite(gramian):
-            return update
-        weights = comm.broadcast_from_first(weighting(gramian).to(gramian.dtype).contiguous())
-        param_vector = global_params.T @ weights
-        row_vector = row_matrix.T @ weights[local_index]
-        update.gramian, update.weights = gramian, weights
+        vectors = _by_gramian(comm, weighting, global_params, row_matrix, sizes, update)
     else:
-        jacobian, row_offsets = _global_jacobian(comm, global_params, row_matrix, shared, offsets, instance_counts, row_counts)
-        vector, weights = aggregate(aggregator, jacobian)
-        vector = comm.broadcast_from_first(vector.contiguous())
-        if weights is not None:
-            weights = comm.broadcast_from_first(weights.to(vector.dtype).contiguous())
-        n = global_params.shape[1]
-        param_vector = vector[:n]
-        row_vector = vector[n + row_offsets[rank] : n + row_offsets[rank] + row_counts[rank]]
-        if config.diagnostics:
-            update.gramian, update.weights = jacobian @ jacobian.T, weights
-            update.projections, update.update_sq_norm = jacobian @ vector, vector @ vector
-    param_grads = unflatten(m * param_vector, params)
-    row_grads = unflatten(m * row_vector, jac_rows)
-    finite_grads = torch.tensor([int(all_finite(*param_grads, *row_grads))], device=device)
+        vectors = _by_jacobian(comm, aggregator, global_params, row_matrix, sizes, update, config.diagnostics)
+    if vectors is None:
+        return update
+    param_grads = unflatten(sizes.m * vectors[0], params)
+    row_grads = unflatten(sizes.m * vectors[1], jac_rows)
+    finite_grads = torch.tensor([int(all_finite(*param_grads, *row_grads))], device=objectives.device)
     if not bool(comm.all_reduce(finite_grads, op=dist.ReduceOp.MIN).item()):  # every rank skips, or none
-        return JDUpdate(m)
+        return JDUpdate(sizes.m)
     update.param_grads = param_grads
     update.row_grads = left_out if left_out is not None else row_grads
     return update
+
+
+def _gathered_params(
+    comm: Collective, objectives: Tensor, params: list[Tensor], jac_rows: list[Tensor], sizes: _Sizes, chunk_size: int | None
+) -> tuple[Tensor, Tensor]:
+    """The global parameter Jacobian ``[m, n]`` (identical on every rank) and this rank's puzzle-row block."""
+    local_m = objectives.shape[0]
+    blocks = jacobian_blocks(objectives, params + jac_rows, chunk_size)
+    param_matrix = flatten_blocks(blocks[: len(params)], local_m, objectives.detach())
+    row_matrix = flatten_blocks(blocks[len(params) :], local_m, objectives.detach())
+    del blocks
+    shared_part = param_matrix[: sizes.shared].contiguous()
+    if sizes.shared > 0:
+        comm.all_reduce(shared_part)
+    instance_parts = comm.all_gather_rows(param_matrix[sizes.shared :].contiguous(), sizes.instance_counts)
+    return torch.cat([shared_part, *instance_parts]), row_matrix
+
+
+def _by_gramian(
+    comm: Collective, weighting: Any, global_params: Tensor, row_matrix: Tensor, sizes: _Sizes, update: JDUpdate
+) -> tuple[Tensor, Tensor] | None:
+    """Weights from the global Gramian (rank 0's, broadcast); the update vectors of the parameters and this rank's rows."""
+    m, local_index = sizes.m, sizes.local_index(comm.rank, global_params.device)
+    gramian = global_params @ global_params.T
+    row_gramian = gramian.new_zeros(m, m)
+    row_gramian[local_index.unsqueeze(1), local_index.unsqueeze(0)] = row_matrix @ row_matrix.T
+    gramian = gramian + comm.all_reduce(row_gramian)
+    if not all_finite(gramian):
+        return None
+    weights = comm.broadcast_from_first(weighting(gramian).to(gramian.dtype).contiguous())
+    update.gramian, update.weights = gramian, weights
+    return global_params.T @ weights, row_matrix.T @ weights[local_index]
+
+
+def _by_jacobian(
+    comm: Collective, aggregator: Any, global_params: Tensor, row_matrix: Tensor, sizes: _Sizes, update: JDUpdate, diagnostics: bool
+) -> tuple[Tensor, Tensor]:
+    """The aggregator on the whole global Jacobian (rank 0's result, broadcast); the parameters' and this rank's rows' part."""
+    rank = comm.rank
+    jacobian, row_offsets = _global_jacobian(comm, global_params, row_matrix, sizes.shared, sizes.offsets, sizes.instance_counts, sizes.row_counts)
+    vector, weights = aggregate(aggregator, jacobian)
+    vector = comm.broadcast_from_first(vector.contiguous())
+    if weights is not None:
+        weights = comm.broadcast_from_first(weights.to(vector.dtype).contiguous())
+    n = global_params.shape[1]
+    if diagnostics:
+        update.gramian, update.weights = jacobian @ jacobian.T, weights
+        update.projections, update.update_sq_norm = jacobian @ vector, vector @ vector
+    return vector[:n], vector[n + row_offsets[rank] : n + row_offsets[rank] + sizes.row_counts[rank]]
 
 
 def _global_jacobian(

@@ -15,9 +15,7 @@ from jd.config import JDConfig
 from jd.update import JDUpdate, all_finite, flatten_blocks, gd_rows, jacobian_blocks, unflatten
 
 
-def local_update(
-    objectives: Tensor, params: list[Tensor], rows: list[Tensor], *, aggregator: Aggregator, engine: str, config: JDConfig
-) -> JDUpdate:
+def local_update(objectives: Tensor, params: list[Tensor], rows: list[Tensor], *, aggregator: Aggregator, engine: str, config: JDConfig) -> JDUpdate:
     """Differentiate ``objectives`` w.r.t. ``params`` (and the puzzle ``rows`` when they take part) and
     aggregate: ``gramian`` / ``per_sample`` weight the rows of ``J`` by ``weighting(J J^T)`` (Gramian
     summed block by block, no concatenated ``J``), ``autojac`` gives the whole ``J`` to the aggregator.

@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-
 from jd.aggregators import AggregatorCache, gramian_weighting
 from jd.config import JDConfig
 from jd.splits import SplitSpec, bucket_matrix
@@ -69,8 +68,7 @@ def per_sample_update(
     weights = weighting(gramian).to(gramian.dtype)
     mix = m * (coefficients.T @ weights)  # [U * B]: each per-sample gradient's coefficient in the update
     param_grads = [
-        torch.tensordot(mix.to(slot[0].dtype), torch.stack(slot).reshape(len(units) * batch, *slot[0].shape[1:]), dims=1)
-        for slot in per_sample
+        torch.tensordot(mix.to(slot[0].dtype), torch.stack(slot).reshape(len(units) * batch, *slot[0].shape[1:]), dims=1) for slot in per_sample
     ]
     if not all_finite(*param_grads):
         return JDUpdate(m)

@@ -188,9 +188,7 @@ def iwrm_with_q_halt_in(steps: Sequence[LossTerms], options: SplitOptions) -> Te
     return _single(steps, "iwrm_with_q_halt_in").per_sample()
 
 
-@_register(
-    "iwrm_with_q_halt_out", per_instance=True, needs_halting_objective=True, num_objectives=lambda B, S, H, K, o: 2 * B
-)
+@_register("iwrm_with_q_halt_out", per_instance=True, needs_halting_objective=True, num_objectives=lambda B, S, H, K, o: 2 * B)
 def iwrm_with_q_halt_out(steps: Sequence[LossTerms], options: SplitOptions) -> Tensor:
     """m = 2B (as in the study): ``[sum_s lm[0, s], ..., sum_s lm[B-1, s], halt[0], ..., halt[B-1]]``,
     each sample's LM loss and its halting loss as separate objectives. Per instance."""
@@ -313,9 +311,7 @@ def stack_supervisions_and_sum(steps: Sequence[LossTerms], options: SplitOptions
     return stack_supervisions(steps, options).sum().reshape(1)
 
 
-@_register(
-    "stack_supervisions_and_iwrm", kind="supervision_stack", per_instance=True, num_objectives=lambda B, S, H, K, o: K * B
-)
+@_register("stack_supervisions_and_iwrm", kind="supervision_stack", per_instance=True, num_objectives=lambda B, S, H, K, o: K * B)
 def stack_supervisions_and_iwrm(steps: Sequence[LossTerms], options: SplitOptions) -> Tensor:
     """m = K*B: objective ``(k, b)`` (step-major) is sample ``b``'s loss at step ``k``: ``same_batch``
     ``sum_s lm_k[b, s] / h``; ``carry`` ``steps[k].per_sample()[b]``. Per instance."""
@@ -548,9 +544,7 @@ def validate_split(
             "use a *_q_halt_in split or set arch.halt_max_steps > 1"
         )
     if spec.is_supervision_stack and halt_max_steps == 1:
-        raise ValueError(
-            f"jd.split={spec.name} stacks supervision steps, but arch.halt_max_steps=1 gives only one; set arch.halt_max_steps > 1"
-        )
+        raise ValueError(f"jd.split={spec.name} stacks supervision steps, but arch.halt_max_steps=1 gives only one; set arch.halt_max_steps > 1")
     if spec.needs_cycle_logits and H_cycles == 1:
         raise ValueError(f"jd.split={spec.name} stacks H-cycle losses, but arch.H_cycles=1 gives only one; set arch.H_cycles > 1")
     if config.n_groups is not None:
@@ -561,9 +555,7 @@ def validate_split(
             raise ValueError(f"jd.n_groups={config.n_groups} is larger than jd.split={spec.name}'s number of objectives m={m}")
 
 
-def _static_num_objectives(
-    spec: SplitSpec, *, halt_max_steps: int, H_cycles: int, batch_size: int | None, seq_len: int | None
-) -> int | None:
+def _static_num_objectives(spec: SplitSpec, *, halt_max_steps: int, H_cycles: int, batch_size: int | None, seq_len: int | None) -> int | None:
     """``m`` when it can be known from the given sizes (probing with two batch/sequence sizes)."""
     K = spec.supervision_steps(halt_max_steps)
     probes = [(batch_size or b, seq_len or s) for b, s in ((2, 3), (5, 7))]

@@ -230,17 +230,24 @@ class JDStep:
         number of objectives and check what it needs. Returns a cost warning for a large ``m`` (or ``None``);
         raises ``ValueError`` for a combination that cannot run."""
         m = self.split.global_num_objectives(
-            batch_size=batch_size, seq_len=seq_len, H_cycles=H_cycles, halt_max_steps=halt_max_steps,
-            world_size=self.world_size, n_groups=self.config.n_groups,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            H_cycles=H_cycles,
+            halt_max_steps=halt_max_steps,
+            world_size=self.world_size,
+            n_groups=self.config.n_groups,
         )
         scalarizer = self.build_scalarizer(m, device)
         if scalarizer is not None and scalarizer.updates_after_step and grad_accum_steps > 1:
-            raise ValueError(f"jd.scalarizer={self.config.scalarizer} updates from the step's batch recomputed after the step; use grad_accum_steps=1")
+            raise ValueError(
+                f"jd.scalarizer={self.config.scalarizer} updates from the step's batch recomputed after the step; use grad_accum_steps=1"
+            )
         if scalarizer is not None and m is not None:
             self._probe("scalarizer", m, lambda: scalarizer.module(torch.rand(m, device=device) + 0.5))
         if self.engine not in ("gd", "scalarizer"):
-            local = self.split.num_objectives(batch_size=batch_size, seq_len=seq_len, H_cycles=H_cycles,
-                                              supervision_steps=self.split.supervision_steps(halt_max_steps))
+            local = self.split.num_objectives(
+                batch_size=batch_size, seq_len=seq_len, H_cycles=H_cycles, supervision_steps=self.split.supervision_steps(halt_max_steps)
+            )
             local = min(local, self.config.n_groups or local)
             self._check_aggregator_size(m if self.exact_global else local)
         return self.cost_note(m)
@@ -275,7 +282,11 @@ class JDStep:
         projection (``None`` when it is cheap or ``m`` is unknown); training goes on either way."""
         if m is None or m <= 64 or self.engine in ("gd", "scalarizer", "per_sample"):
             return None
-        projection = "" if self.config.aggregator_name not in ("upgrad", "dualproj") else f" and {m if self.config.aggregator_name == 'upgrad' else 1} quadratic program(s) of size {m}"
+        projection = (
+            ""
+            if self.config.aggregator_name not in ("upgrad", "dualproj")
+            else f" and {m if self.config.aggregator_name == 'upgrad' else 1} quadratic program(s) of size {m}"
+        )
         backward = f"about {m} backward passes (one per Jacobian row)" if self.engine in ("gramian", "autojac") else "a Gramian of the whole Jacobian"
         suggestion = max(2, min(16, m // 64))
         return (

@@ -69,8 +69,7 @@ def accumulate_grad(tensor: Tensor, grad: Tensor) -> None:
 _VMAP_FALLBACK = "There is a performance drop because we have not yet implemented the batching rule"
 
 
-def jacobian_blocks(objectives: Tensor, inputs: list[Tensor], parallel_chunk_size: int | None,
-                    retain_graph: bool = False) -> list[Tensor]:
+def jacobian_blocks(objectives: Tensor, inputs: list[Tensor], parallel_chunk_size: int | None, retain_graph: bool = False) -> list[Tensor]:
     """``torchjd.autojac.jac`` of ``objectives`` w.r.t. ``inputs`` (one block per input, ``m`` rows each).
 
     With rows batched by ``torch.vmap`` (``parallel_chunk_size`` > 1 or None), PyTorch warns, asking for

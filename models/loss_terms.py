@@ -67,4 +67,3 @@ class LossTerms:
             internal_lm=None if self.internal_lm is None else [t.detach() for t in self.internal_lm],
             internal_differential=None if self.internal_differential is None else [t.detach() for t in self.internal_differential],
         )
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,7 @@ def stablemax_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 
 
 def softmax_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_LABEL_ID) -> Tensor:
     """Per-token softmax cross-entropy, zero where ``labels == ignore_index``."""
-    flat = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.long().reshape(-1), ignore_index=ignore_index, reduction="none"
-    )
+    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.long().reshape(-1), ignore_index=ignore_index, reduction="none")
     return flat.view(labels.shape).to(logits.dtype)
 
 
@@ -74,6 +73,19 @@ class ACTLossHead(nn.Module):
         self.differential_loss = differential_loss
         self.differential_across_samples = differential_across_samples
 
+    def _cycle_terms(
+        self, outputs: dict[str, Any], lm: Tensor, lm_terms: Callable[[Tensor], Tensor], labels: Tensor, scale: float, differential_cycles: bool
+    ) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+        """The per-H-cycle LM losses (the last is the step's ``lm``) and, when asked, their differential losses."""
+        if "cycle_logits" not in outputs:
+            return None, None
+        cycle_logits: list[Tensor] = outputs["cycle_logits"]
+        internal = [lm_terms(step) for step in cycle_logits[:-1]] + [lm]
+        if not differential_cycles:
+            return internal, None
+        previous = [torch.zeros_like(cycle_logits[0])] + [c.detach() for c in cycle_logits[:-1]]
+        return internal, [self.loss_fn(c - p, labels, IGNORE_LABEL_ID) * scale for c, p in zip(cycle_logits, previous)]
+
     def initial_carry(self, batch: dict[str, Tensor]) -> ACTCarry:
         carry = self.model.initial_carry(batch)
         return self.model.enable_differential_loss(carry, self.differential_across_samples) if self.differential_loss else carry
@@ -98,24 +110,8 @@ class ACTLossHead(nn.Module):
         logits: Tensor = outputs["logits"]  # type: ignore[assignment]
         q_halt_logits: Tensor = outputs["q_halt_logits"]  # type: ignore[assignment]
 
-        with torch.no_grad():
-            mask = labels != IGNORE_LABEL_ID
-            counts = mask.sum(-1)
-            divisor = counts.clamp_min(1).unsqueeze(-1)
-            preds = logits.argmax(-1)
-            correct = mask & (preds == labels)
-            exact = correct.sum(-1) == counts
-            valid = carry.halted & (counts > 0)
-            metrics = {
-                "count": valid.sum(),
-                "accuracy": torch.where(valid, (correct.float() / divisor).sum(-1), 0).sum(),
-                "exact_accuracy": (valid & exact).sum(),
-                "q_halt_accuracy": (valid & ((q_halt_logits >= 0) == exact)).sum(),
-                "steps": torch.where(valid, carry.steps, 0).sum(),
-            }
-            outputs["preds"] = preds
-            outputs["exact"] = exact
-
+        metrics, divisor = _step_metrics(carry, labels, logits, q_halt_logits, outputs)
+        exact = outputs["exact"]
         scale = 1.0 / global_batch_size
 
         def lm_terms(step_logits: Tensor) -> Tensor:
@@ -134,13 +130,7 @@ class ACTLossHead(nn.Module):
                 F.binary_cross_entropy_with_logits(outputs["q_continue_logits"], outputs["target_q_continue"], reduction="none")  # type: ignore[arg-type]
                 * scale
             )
-        internal = differential = None
-        if "cycle_logits" in outputs:
-            cycle_logits: list[Tensor] = outputs["cycle_logits"]  # type: ignore[assignment]
-            internal = [lm_terms(step) for step in cycle_logits[:-1]] + [lm]
-            if differential_cycles:
-                previous = [torch.zeros_like(cycle_logits[0])] + [c.detach() for c in cycle_logits[:-1]]
-                differential = [self.loss_fn(c - p, labels, IGNORE_LABEL_ID) * scale for c, p in zip(cycle_logits, previous)]
+        internal, differential = self._cycle_terms(outputs, lm, lm_terms, labels, scale, differential_cycles)
         terms = LossTerms(lm=lm, q_halt=q_halt, q_continue=q_continue, internal_lm=internal, internal_differential=differential)
 
         with torch.no_grad():
@@ -149,3 +139,28 @@ class ACTLossHead(nn.Module):
             if q_continue is not None:
                 metrics["q_continue_loss"] = q_continue.detach().sum() * global_batch_size
         return carry, terms, metrics, outputs, carry.halted.all()  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _step_metrics(
+    carry: ACTCarry, labels: Tensor, logits: Tensor, q_halt_logits: Tensor, outputs: dict[str, Any]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The step's summed metrics over the samples that halted with scored tokens, and each sample's loss
+    divisor (its count of scored tokens); adds ``preds`` and ``exact`` to ``outputs``."""
+    mask = labels != IGNORE_LABEL_ID
+    counts = mask.sum(-1)
+    divisor = counts.clamp_min(1).unsqueeze(-1)
+    preds = logits.argmax(-1)
+    correct = mask & (preds == labels)
+    exact = correct.sum(-1) == counts
+    valid = carry.halted & (counts > 0)
+    metrics = {
+        "count": valid.sum(),
+        "accuracy": torch.where(valid, (correct.float() / divisor).sum(-1), 0).sum(),
+        "exact_accuracy": (valid & exact).sum(),
+        "q_halt_accuracy": (valid & ((q_halt_logits >= 0) == exact)).sum(),
+        "steps": torch.where(valid, carry.steps, 0).sum(),
+    }
+    outputs["preds"] = preds
+    outputs["exact"] = exact
+    return metrics, divisor

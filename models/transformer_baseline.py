@@ -20,7 +20,13 @@ class TransformerCore(RecursiveCore):
         self.layers = ReasoningModule(
             [
                 Block(
-                    config.hidden_size, config.num_heads, config.expansion, full_len, config.mlp_t, config.dropout, config.rms_norm_eps,
+                    config.hidden_size,
+                    config.num_heads,
+                    config.expansion,
+                    full_len,
+                    config.mlp_t,
+                    config.dropout,
+                    config.rms_norm_eps,
                     block_output_dropout=config.dropout_placement == "block_output",
                 )
                 for _ in range(config.L_layers)

@@ -19,8 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_arch(**overrides: object) -> ArchConfig:
     """A TRM small enough to train for a few steps in well under a second."""
     values: dict[str, object] = dict(
-        name="trm", hidden_size=32, num_heads=2, expansion=2, L_layers=1, H_cycles=2, L_cycles=1,
-        puzzle_emb_ndim=32, puzzle_emb_len=1, halt_max_steps=3, halt_exploration_prob=0.1,
+        name="trm",
+        hidden_size=32,
+        num_heads=2,
+        expansion=2,
+        L_layers=1,
+        H_cycles=2,
+        L_cycles=1,
+        puzzle_emb_ndim=32,
+        puzzle_emb_len=1,
+        halt_max_steps=3,
+        halt_exploration_prob=0.1,
     )
     values.update(overrides)
     return ArchConfig(**values)  # type: ignore[arg-type]
@@ -74,7 +83,7 @@ def sudoku_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def compose(overrides: list[str]) -> "TrainConfig":  # noqa: F821 - imported lazily
+def compose(overrides: list[str]) -> TrainConfig:  # noqa: F821 - imported lazily
     """The validated config ``pretrain.py`` would build from these command-line overrides."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -18,35 +18,73 @@ import pytest
 from omegaconf import OmegaConf
 
 from analysis.compare import STATISTICS, compare, summarize
-from analysis.plot_gd_similarity import (MissingMetricError, OutputExistsError, build_curves, mean_curve,
-                                         moving_average, plot_gd_similarity)
-from analysis.runs import (DEFAULT_GROUP_BY, NO_SUMMARY, AnalysisError, MetricTable, RunLoadError, group_runs, load_run_dir,
-                           parse_label_fields, read_metrics_file)
+from analysis.plot_gd_similarity import MissingMetricError, OutputExistsError, build_curves, mean_curve, moving_average, plot_gd_similarity
+from analysis.runs import (
+    DEFAULT_GROUP_BY,
+    NO_SUMMARY,
+    AnalysisError,
+    MetricTable,
+    RunLoadError,
+    group_runs,
+    load_run_dir,
+    parse_label_fields,
+    read_metrics_file,
+)
 from analysis.sources import load_runs
-from analysis.wandb_source import (WandbUnavailableError, ensure_wandb_available, find_wandb_credentials,
-                                   parse_wandb_source, run_from_history, wandb_unavailable_reason)
+from analysis.wandb_source import (
+    WandbUnavailableError,
+    ensure_wandb_available,
+    find_wandb_credentials,
+    parse_wandb_source,
+    run_from_history,
+    wandb_unavailable_reason,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def write_run(root: Path, name: str, *, split: str = "none", aggregator: str = "upgrad", seed: int = 0,
-              steps: int = 20, eval_every: int = 5, project: str = "sweep", arch: str = "trm",
-              data_paths: tuple[str, ...] = ("data/sudoku-tiny",), arc: bool = False,
-              summary: bool = True, project_in_config: bool = True) -> Path:
+
+def write_run(
+    root: Path,
+    name: str,
+    *,
+    split: str = "none",
+    aggregator: str = "upgrad",
+    seed: int = 0,
+    steps: int = 20,
+    eval_every: int = 5,
+    project: str = "sweep",
+    arch: str = "trm",
+    data_paths: tuple[str, ...] = ("data/sudoku-tiny",),
+    arc: bool = False,
+    summary: bool = True,
+    project_in_config: bool = True,
+) -> Path:
     """A run directory as the trainer writes it: config.yaml, metrics.jsonl (train and eval lines apart)."""
     run_dir = root / project / name
     run_dir.mkdir(parents=True)
-    config = {"run_name": name, "project_name": project if project_in_config else None, "seed": seed, "data_paths": list(data_paths),
-              "arch": {"name": arch, "hidden_size": 32}, "global_batch_size": 8, "max_steps": steps,
-              "jd": {"split": split, "aggregator": aggregator}}
+    config = {
+        "run_name": name,
+        "project_name": project if project_in_config else None,
+        "seed": seed,
+        "data_paths": list(data_paths),
+        "arch": {"name": arch, "hidden_size": 32},
+        "global_batch_size": 8,
+        "max_steps": steps,
+        "jd": {"split": split, "aggregator": aggregator},
+    }
     OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
     rng = np.random.default_rng(zlib.crc32(f"{name}-{seed}".encode()))
     lines = []
     for step in range(1, steps + 1):
-        train: dict[str, Any] = {"step": step, "train/lm_loss": float(3.0 / step + rng.uniform(0, 0.1)),
-                                 "train/step_time_s": float(rng.uniform(0.1, 0.2)), "train/lr": 1e-4}
+        train: dict[str, Any] = {
+            "step": step,
+            "train/lm_loss": float(3.0 / step + rng.uniform(0, 0.1)),
+            "train/step_time_s": float(rng.uniform(0.1, 0.2)),
+            "train/lr": 1e-4,
+        }
         if split != "none":
             train["jd/gd_similarity"] = float(rng.uniform(0.5, 1.0))
             train["jd/conflict_fraction"] = float(rng.uniform(0.0, 0.5))
@@ -85,21 +123,30 @@ def sweep(tmp_path: Path) -> Path:
 
 
 def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env={**os.environ, "MPLBACKEND": "Agg", **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MPLBACKEND": "Agg", **(env or {})},
+        timeout=120,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- reading
 
+
 def test_metric_table_merges_lines_of_one_step_and_keeps_logged_nan() -> None:
-    table = MetricTable.from_records([
-        {"step": 2, "train/lm_loss": 1.5, "note": "text", "flag": True},
-        {"step": 1, "train/lm_loss": 2.0},
-        {"step": 2, "eval/exact_accuracy": 0.25},
-        {"step": 2, "train/lm_loss": 1.25},  # logged again at the same step: the later value wins
-        {"step": 3, "train/lm_loss": float("nan")},
-        {"step": 4, "train/grad_norm": "inf", "train/lm_loss": "nan"},  # how the trainer writes non-finite values
-    ])
+    table = MetricTable.from_records(
+        [
+            {"step": 2, "train/lm_loss": 1.5, "note": "text", "flag": True},
+            {"step": 1, "train/lm_loss": 2.0},
+            {"step": 2, "eval/exact_accuracy": 0.25},
+            {"step": 2, "train/lm_loss": 1.25},  # logged again at the same step: the later value wins
+            {"step": 3, "train/lm_loss": float("nan")},
+            {"step": 4, "train/grad_norm": "inf", "train/lm_loss": "nan"},  # how the trainer writes non-finite values
+        ]
+    )
     assert table.steps.tolist() == [1, 2, 3, 4]
     assert table.series("train/lm_loss")[0].tolist() == [1, 2, 3, 4]
     assert table.series("train/lm_loss", finite_only=True)[1].tolist() == [2.0, 1.25]
@@ -124,8 +171,7 @@ def test_read_metrics_file_errors_name_file_and_line(tmp_path: Path) -> None:
 def test_labels_come_from_the_config(sweep: Path) -> None:
     gd = load_run_dir(sweep / "sweep" / "gd-s1")
     jd = load_run_dir(sweep / "sweep" / "mgda-s0")
-    assert (gd.split, gd.aggregator, gd.seed, gd.arch, gd.data, gd.project) == \
-        ("none", "gd", 1, "trm", "sudoku-tiny", "sweep")
+    assert (gd.split, gd.aggregator, gd.seed, gd.arch, gd.data, gd.project) == ("none", "gd", 1, "trm", "sudoku-tiny", "sweep")
     assert (jd.split, jd.aggregator, jd.seed) == ("iwrm_with_q_halt_in", "mgda", 0)
     assert gd.final_step == 20 and gd.status == "finished"
     assert jd.final_step == 20 and jd.status == NO_SUMMARY  # no summary.json: largest logged step
@@ -136,8 +182,7 @@ def test_labels_come_from_the_config(sweep: Path) -> None:
 def test_load_runs_finds_runs_below_a_folder_and_skips_wandb_files(sweep: Path) -> None:
     runs = load_runs([sweep], progress=False)
     assert sorted(r.name for r in runs) == ["gd-s0", "gd-s1", "mgda-s0", "upgrad-s0", "upgrad-s1"]
-    by_glob = load_runs([str(sweep / "sweep" / "upgrad-*"), str(sweep / "sweep" / "upgrad-s0" / "metrics.jsonl")],
-                        progress=False)
+    by_glob = load_runs([str(sweep / "sweep" / "upgrad-*"), str(sweep / "sweep" / "upgrad-s0" / "metrics.jsonl")], progress=False)
     assert [r.name for r in by_glob] == ["upgrad-s0", "upgrad-s1"]  # each run once
     groups = group_runs(runs, ("split", "aggregator"))
     assert list(groups) == [("none", "gd"), ("iwrm_with_q_halt_in", "mgda"), ("iwrm_with_q_halt_in", "upgrad")]
@@ -175,10 +220,11 @@ def test_runs_group_by_a_config_key(sweep: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- curves
 
+
 def test_moving_average_is_a_trailing_mean() -> None:
     values = np.array([1.0, 3.0, 2.0, 6.0, 4.0])
     assert np.array_equal(moving_average(values, 1), values)
-    expected = [np.mean(values[max(0, i - 2):i + 1]) for i in range(values.size)]
+    expected = [np.mean(values[max(0, i - 2) : i + 1]) for i in range(values.size)]
     assert np.allclose(moving_average(values, 3), expected)
     assert np.allclose(moving_average(values, 50), np.cumsum(values) / np.arange(1, 6))
     assert np.allclose(moving_average(np.full(7, 0.3), 4), 0.3)
@@ -197,8 +243,7 @@ def test_mean_curve_averages_runs_within_their_own_ranges(sweep: Path) -> None:
     assert np.allclose(curve3.mean[10:], (a[10:] + b[10:]) / 2)
 
 
-def test_plot_skips_runs_without_jd_metrics_and_refuses_to_overwrite(sweep: Path, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture) -> None:
+def test_plot_skips_runs_without_jd_metrics_and_refuses_to_overwrite(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs = load_runs([sweep], progress=False)
     out = tmp_path / "figs" / "gd_sim"
     written = plot_gd_similarity(runs, out, group_by=("split", "aggregator"), band=True, smooth=3)
@@ -206,8 +251,10 @@ def test_plot_skips_runs_without_jd_metrics_and_refuses_to_overwrite(sweep: Path
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"<svg" in written[1].read_bytes()[:400]
     err = capsys.readouterr().err
     assert "skipping 2 run(s) without 'jd/gd_similarity'" in err and "gd-s0" in err and "gd-s1" in err
-    assert [c.label for c in build_curves(runs, "jd/gd_similarity", ("split", "aggregator"))] == \
-        ["iwrm_with_q_halt_in / mgda (n=1)", "iwrm_with_q_halt_in / upgrad (n=2)"]
+    assert [c.label for c in build_curves(runs, "jd/gd_similarity", ("split", "aggregator"))] == [
+        "iwrm_with_q_halt_in / mgda (n=1)",
+        "iwrm_with_q_halt_in / upgrad (n=2)",
+    ]
     with pytest.raises(OutputExistsError, match="gd_sim.png.*--overwrite"):
         plot_gd_similarity(runs, out)
     before = written[0].stat().st_mtime_ns
@@ -220,8 +267,7 @@ def test_plot_skips_runs_without_jd_metrics_and_refuses_to_overwrite(sweep: Path
 
 def test_plot_command_line(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "plot"
-    done = run_module("analysis.plot_gd_similarity", str(sweep / "sweep" / "*"), "--band", "--smooth", "2",
-                      "--out", str(out))
+    done = run_module("analysis.plot_gd_similarity", str(sweep / "sweep" / "*"), "--band", "--smooth", "2", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "plot.png").stat().st_size > 1000 and (tmp_path / "plot.svg").is_file()
     assert "skipping 2 run(s)" in done.stderr
@@ -235,16 +281,26 @@ def test_plot_command_line(sweep: Path, tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- compare
 
+
 def test_compare_table_matches_the_metrics_files(sweep: Path, tmp_path: Path) -> None:
     runs = load_runs([sweep], progress=False)
     out = tmp_path / "cmp"
     written = compare(runs, out, html=True)
-    assert sorted(p.name for p in written) == ["differences.csv", "learning_curves.png", "learning_curves.svg",
-                                               "report.html", "summary.csv", "summary.md"]
+    assert sorted(p.name for p in written) == [
+        "differences.csv",
+        "learning_curves.png",
+        "learning_curves.svg",
+        "report.html",
+        "summary.csv",
+        "summary.md",
+    ]
     with open(out / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["split"], r["method"], r["n_runs"]) for r in rows] == \
-        [("none", "gd", "2"), ("iwrm_with_q_halt_in", "aggregator:mgda", "1"), ("iwrm_with_q_halt_in", "aggregator:upgrad", "2")]
+    assert [(r["split"], r["method"], r["n_runs"]) for r in rows] == [
+        ("none", "gd", "2"),
+        ("iwrm_with_q_halt_in", "aggregator:mgda", "1"),
+        ("iwrm_with_q_halt_in", "aggregator:upgrad", "2"),
+    ]
     assert "final_arc_pass@2" not in rows[0]  # no run logged ARC metrics: no column
     upgrad = rows[2]
     dirs = [sweep / "sweep" / n for n in ("upgrad-s0", "upgrad-s1")]
@@ -266,7 +322,7 @@ def test_compare_table_matches_the_metrics_files(sweep: Path, tmp_path: Path) ->
     markdown = (out / "summary.md").read_text()
     assert "| none | gd | 2 | 0,1 |" in markdown and "| iwrm_with_q_halt_in | aggregator:mgda | 1 | 0 |" in markdown
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 1 and "src=\"http" not in page and "upgrad-s1" in page
+    assert page.count("data:image/png;base64,") == 1 and 'src="http' not in page and "upgrad-s1" in page
 
 
 def test_compare_marks_metrics_only_some_runs_logged(tmp_path: Path) -> None:
@@ -283,8 +339,7 @@ def test_compare_marks_metrics_only_some_runs_logged(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_compare_command_line_and_wandb_report_while_offline(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    done = run_module("analysis.compare", str(sweep), "--out", str(out), "--html", "--wandb-report", "me/trm-jd",
-                      env={"WANDB_MODE": "offline"})
+    done = run_module("analysis.compare", str(sweep), "--out", str(out), "--html", "--wandb-report", "me/trm-jd", env={"WANDB_MODE": "offline"})
     assert done.returncode == 0, done.stderr
     assert "W&B report not created" in done.stderr and "offline" in done.stderr
     assert all((out / n).is_file() for n in ("summary.md", "summary.csv", "learning_curves.png", "report.html"))
@@ -296,6 +351,7 @@ def test_compare_command_line_and_wandb_report_while_offline(sweep: Path, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------- W&B
+
 
 def test_parse_wandb_source_forms() -> None:
     assert parse_wandb_source("wandb:me/proj").run_id is None
@@ -328,24 +384,41 @@ def test_wandb_source_while_offline_names_the_mode(monkeypatch: pytest.MonkeyPat
 
 
 def test_run_from_history_uses_wandb_steps() -> None:
-    run = run_from_history("r", "wandb:me/p/id1", {"jd": {"split": "iwrm", "aggregator": "upgrad"}, "seed": 3},
-                           [{"_step": 0, "_runtime": 1.0, "train/lm_loss": 2.0},
-                            {"_step": 1, "jd/gd_similarity": 0.9}, {"no_step": 1}])
+    run = run_from_history(
+        "r",
+        "wandb:me/p/id1",
+        {"jd": {"split": "iwrm", "aggregator": "upgrad"}, "seed": 3},
+        [{"_step": 0, "_runtime": 1.0, "train/lm_loss": 2.0}, {"_step": 1, "jd/gd_similarity": 0.9}, {"no_step": 1}],
+    )
     assert run.metrics.steps.tolist() == [0, 1] and "_runtime" not in run.metrics
     assert (run.split, run.aggregator, run.seed) == ("iwrm", "upgrad", 3)
 
 
 # ----------------------------------------------------------------------------------------------- end to end
 
+
 def train_tiny_run(workdir: Path, *overrides: str) -> None:
     """Four CPU steps of a tiny TRM on the demo 4x4 Sudoku (built in ``workdir/data`` on first use)."""
-    command = [sys.executable, str(REPO_ROOT / "pretrain.py"), "max_steps=4", "arch.hidden_size=32",
-               "arch.num_heads=2", "arch.H_cycles=1", "arch.L_cycles=1", "arch.halt_max_steps=2",
-               "global_batch_size=8", "eval_max_batches=1", "lr_warmup_steps=0", "device=cpu",
-               "progress_bar=false", "wandb.mode=disabled", f"runs_root={workdir / 'runs'}", "project_name=e2e",
-               *overrides]
-    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "pretrain.py"),
+        "max_steps=4",
+        "arch.hidden_size=32",
+        "arch.num_heads=2",
+        "arch.H_cycles=1",
+        "arch.L_cycles=1",
+        "arch.halt_max_steps=2",
+        "global_batch_size=8",
+        "eval_max_batches=1",
+        "lr_warmup_steps=0",
+        "device=cpu",
+        "progress_bar=false",
+        "wandb.mode=disabled",
+        f"runs_root={workdir / 'runs'}",
+        "project_name=e2e",
+        *overrides,
+    ]
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, f"pretrain.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
@@ -374,10 +447,10 @@ def test_end_to_end_on_real_training_runs(tmp_path: Path) -> None:
         row, run_dir = rows[(split, aggregator)], runs_root / name
         assert row["n_runs"] == "1"
         assert float(row["final_train_lm_loss"]) == pytest.approx(jsonl_series(run_dir, "train/lm_loss")[-1])
-        assert float(row["final_eval_exact_accuracy"]) == \
-            pytest.approx(jsonl_series(run_dir, "eval/exact_accuracy")[-1])
-    assert float(rows[("iwrm_with_q_halt_in", "aggregator:upgrad")]["mean_gd_similarity"]) == \
-        pytest.approx(np.mean(jsonl_series(runs_root / "upgrad-s0", "jd/gd_similarity")))
+        assert float(row["final_eval_exact_accuracy"]) == pytest.approx(jsonl_series(run_dir, "eval/exact_accuracy")[-1])
+    assert float(rows[("iwrm_with_q_halt_in", "aggregator:upgrad")]["mean_gd_similarity"]) == pytest.approx(
+        np.mean(jsonl_series(runs_root / "upgrad-s0", "jd/gd_similarity"))
+    )
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
 import analysis.stats
-from analysis.compare import compare, main as compare_main
+from analysis.compare import compare
+from analysis.compare import main as compare_main
 from analysis.runs import NO_SUMMARY
 from analysis.sources import load_runs
 from analysis.stats import difference, mean_interval
@@ -49,14 +50,12 @@ def test_paired_difference_cancels_the_seed_effect() -> None:
     assert paired.test == "paired" and paired.n == 5
     assert paired.estimate == pytest.approx(0.1)
     assert (paired.low, paired.high) == (pytest.approx(0.1 - half), pytest.approx(0.1 + half))
-    assert paired.p_value == pytest.approx(scipy_stats.ttest_rel(list(method.values()),
-                                                                 list(seed_effect.values())).pvalue)
+    assert paired.p_value == pytest.approx(scipy_stats.ttest_rel(list(method.values()), list(seed_effect.values())).pvalue)
     assert paired.p_value < 1e-4
     # The same numbers as unrelated samples: the seed spread swamps the effect.
     unpaired = difference({("a", s): v for s, v in method.items()}, {("b", s): v for s, v in seed_effect.items()})
     assert unpaired.test == "welch" and unpaired.p_value > 0.3
-    assert unpaired.p_value == pytest.approx(scipy_stats.ttest_ind(list(method.values()), list(seed_effect.values()),
-                                                                   equal_var=False).pvalue)
+    assert unpaired.p_value == pytest.approx(scipy_stats.ttest_ind(list(method.values()), list(seed_effect.values()), equal_var=False).pvalue)
     assert unpaired.high - unpaired.low > 10 * (paired.high - paired.low)
 
 
@@ -71,13 +70,22 @@ def test_no_difference_is_not_significant_and_constant_shift_is_exact() -> None:
     assert one_each.test == "welch" and one_each.estimate == pytest.approx(0.2) and one_each.p_value is None
 
 
-def _run(root: Path, name: str, *, split: str, seed: int, final: float, epochs: int = 10,
-         status: str | None = "finished") -> None:
+def _run(root: Path, name: str, *, split: str, seed: int, final: float, epochs: int = 10, status: str | None = "finished") -> None:
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"run_name": name, "seed": seed, "epochs": epochs, "data_paths": ["d"],
-                                     "arch": {"name": "trm"}, "jd": {"split": split, "aggregator": None}}),
-                   run_dir / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "run_name": name,
+                "seed": seed,
+                "epochs": epochs,
+                "data_paths": ["d"],
+                "arch": {"name": "trm"},
+                "jd": {"split": split, "aggregator": None},
+            }
+        ),
+        run_dir / "config.yaml",
+    )
     lines = [{"step": s, "train/lm_loss": 1.0 / s, "train/step_time_s": 0.5} for s in range(1, 11)]
     lines += [{"step": 5, "eval/exact_accuracy": final / 2}, {"step": 10, "eval/exact_accuracy": final}]
     if split != "none":
@@ -93,8 +101,7 @@ def test_compare_writes_intervals_and_paired_differences(tmp_path: Path, capsys:
     for seed in range(5):
         _run(tmp_path / "runs", f"gd-s{seed}", split="none", seed=seed, final=gd[seed])
         _run(tmp_path / "runs", f"gd-long-s{seed}", split="none", seed=seed, final=gd[seed] + 0.05, epochs=20)
-        _run(tmp_path / "runs", f"jd-s{seed}", split="iwrm_with_q_halt_in", seed=seed, final=jd[seed],
-             status=None if seed == 4 else "finished")
+        _run(tmp_path / "runs", f"jd-s{seed}", split="iwrm_with_q_halt_in", seed=seed, final=jd[seed], status=None if seed == 4 else "finished")
     runs = load_runs([tmp_path / "runs"], progress=False)
     out = tmp_path / "report"
     compare(runs, out, group_by=("split", "method", "epochs"), html=True)
@@ -131,8 +138,7 @@ def test_compare_baseline_option(tmp_path: Path, capsys: pytest.CaptureFixture) 
     for seed in range(3):
         _run(tmp_path / "runs", f"gd-s{seed}", split="none", seed=seed, final=0.2 + 0.1 * seed)
         _run(tmp_path / "runs", f"lm-s{seed}", split="lm_loss_vs_q_halt_loss", seed=seed, final=0.3 + 0.1 * seed)
-    code = compare_main([str(tmp_path / "runs"), "--out", str(tmp_path / "a"), "--baseline",
-                         "lm_loss_vs_q_halt_loss / aggregator:upgrad"])
+    code = compare_main([str(tmp_path / "runs"), "--out", str(tmp_path / "a"), "--baseline", "lm_loss_vs_q_halt_loss / aggregator:upgrad"])
     assert code == 0
     with open(tmp_path / "a" / "differences.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["outcome"] == "final_eval_exact_accuracy"]

@@ -83,9 +83,7 @@ def test_every_augmentation_inverts_exactly_on_real_grids(real_grids: list[np.nd
                 np.testing.assert_array_equal(augmentation.invert(augmented), grid)
                 np.testing.assert_array_equal(inverse_dihedral_transform(dihedral_transform(grid, tid), tid), grid)
                 assert np.array_equal(augmented == 0, dihedral_transform(grid == 0, tid))  # background stays put
-                assert sorted(np.bincount(augmented.ravel(), minlength=10)) == sorted(
-                    np.bincount(grid.ravel(), minlength=10)
-                )
+                assert sorted(np.bincount(augmented.ravel(), minlength=10)) == sorted(np.bincount(grid.ravel(), minlength=10))
 
 
 def test_augmentation_names_round_trip() -> None:
@@ -309,12 +307,8 @@ def test_kaggle_build_with_augmentation_and_translation(tmp_path: Path) -> None:
 
 def test_options_limit_train_only_subsets_and_no_test_augmentation(tmp_path: Path) -> None:
     write_kaggle_files(tmp_path)
-    (tmp_path / "arc_hidden_challenges.json").write_text(
-        json.dumps({"hidden_a": {"train": [_pair(2, 2, 20)], "test": [{"input": _grid(2, 2, 21)}]}})
-    )
-    path = _build(
-        tmp_path, "--num-aug", "2", "--limit", "1", "--train-only-subsets", "hidden", "--no-test-augmentation"
-    )
+    (tmp_path / "arc_hidden_challenges.json").write_text(json.dumps({"hidden_a": {"train": [_pair(2, 2, 20)], "test": [{"input": _grid(2, 2, 21)}]}}))
+    path = _build(tmp_path, "--num-aug", "2", "--limit", "1", "--train-only-subsets", "hidden", "--no-test-augmentation")
     identifiers = read_identifiers(path)
     bases = [parse_name(name)[0] for name in identifiers[1:]]
     assert sorted(set(bases)) == ["eval_a", "hidden_a", "train_a"]  # --limit 1 drops train_b
@@ -357,9 +351,7 @@ def test_missing_challenges_file(tmp_path: Path) -> None:
 def test_test_set_without_solutions(tmp_path: Path) -> None:
     write_kaggle_files(tmp_path)
     (tmp_path / "arc_evaluation_solutions.json").unlink()
-    _expect_error(
-        tmp_path, r"arc_evaluation_challenges.json: puzzle eval_a.*no 'output'.*solutions.json does not exist"
-    )
+    _expect_error(tmp_path, r"arc_evaluation_challenges.json: puzzle eval_a.*no 'output'.*solutions.json does not exist")
 
 
 def test_solutions_missing_a_puzzle_or_an_output(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -174,13 +174,9 @@ def test_inconsistent_batches_and_datasets_are_rejected(dataset: Path, tmp_path:
     example, identifier = _examples(dataset)[0][:2]
     outputs = {"preds": torch.zeros(1, 900, dtype=torch.long), "q_halt_logits": torch.zeros(1)}
     with pytest.raises(ValueError, match="outside the test split"):
-        evaluator.update_batch(
-            {"example_index": torch.tensor([10**6]), "puzzle_identifiers": torch.tensor([1])}, outputs
-        )
+        evaluator.update_batch({"example_index": torch.tensor([10**6]), "puzzle_identifiers": torch.tensor([1])}, outputs)
     with pytest.raises(ValueError, match="test/puzzle_identifiers.npy"):
-        evaluator.update_batch(
-            {"example_index": torch.tensor([example]), "puzzle_identifiers": torch.tensor([identifier + 100])}, outputs
-        )
+        evaluator.update_batch({"example_index": torch.tensor([example]), "puzzle_identifiers": torch.tensor([identifier + 100])}, outputs)
     with pytest.raises(DatasetError, match="does not exist"):
         ARCEvaluator(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="pass_ks"):

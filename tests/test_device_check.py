@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from analysis.benchmark import PRESETS
 from analysis.device_check import main as device_check_main
 from analysis.device_check import max_batch, targets_table
-from analysis.benchmark import PRESETS
 
 
 @pytest.mark.slow
@@ -33,19 +33,25 @@ def test_dry_run_runs_every_section_and_writes_the_targets(tmp_path: Path, capsy
 
 def test_batch_bisection_finds_the_edge() -> None:
     # A stand-in memory: batches up to 100 fit. Doubling 16 -> 128 fails, bisection narrows to 96 < edge <= 112.
-    found = max_batch(dict(PRESETS["tiny"]), __import__("torch").device("cpu"), compiled=False, budget_s=60, cap=100,
-                      start=16)
+    found = max_batch(dict(PRESETS["tiny"]), __import__("torch").device("cpu"), compiled=False, budget_s=60, cap=100, start=16)
     assert found["largest_fitting"] == 96 and found["smallest_failing"] == 112 and found["complete"]
     assert [t["batch"] for t in found["trials"]] == [16, 32, 64, 128, 96, 112]
 
 
 def test_targets_are_met_or_not_by_the_numbers() -> None:
-    report = {"dry_run": False, "benchmark": {"compiled": {
-        "gd": {"median_ms": 100.0, "peak_mib": 10 * 1024.0},
-        "lm_vs_halt": {"ratio_to_gd": 1.2, "mem_ratio_to_gd": 1.1},
-        "iwrm_per_sample": {"ratio_to_gd": 1.8, "mem_ratio_to_gd": 2.5},
-        "pixelwise_10": {"ratio_to_gd": 4.0},
-    }}, "max_batch": {"largest_fitting": 384}, "arc_training": {"loss_fell": True, "data_wait_share": 0.2}}
+    report = {
+        "dry_run": False,
+        "benchmark": {
+            "compiled": {
+                "gd": {"median_ms": 100.0, "peak_mib": 10 * 1024.0},
+                "lm_vs_halt": {"ratio_to_gd": 1.2, "mem_ratio_to_gd": 1.1},
+                "iwrm_per_sample": {"ratio_to_gd": 1.8, "mem_ratio_to_gd": 2.5},
+                "pixelwise_10": {"ratio_to_gd": 4.0},
+            }
+        },
+        "max_batch": {"largest_fitting": 384},
+        "arc_training": {"loss_fell": True, "data_wait_share": 0.2},
+    }
     verdicts = {row["target"]: row["verdict"] for row in targets_table(report)}
     assert verdicts["lm_vs_halt step <= 1.5x compiled GD"] == "met"
     assert verdicts["iwrm_per_sample step <= 1.5x compiled GD"] == "NOT met"

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.evaluate import load_for_evaluation
+from analysis.evaluate import main as evaluate_main
 from analysis.visualize_recursion import (
     ARC_COLOURS,
     find_example_index,
@@ -27,8 +29,6 @@ from analysis.visualize_recursion import main as visualize_main
 from dataset.arc_augment import tokens_to_grid
 from dataset.common import read_metadata
 from dataset.puzzle_dataset import PuzzleDataset
-from analysis.evaluate import load_for_evaluation
-from analysis.evaluate import main as evaluate_main
 from models.loss_terms import IGNORE_LABEL_ID
 from models.registry import build_model
 from pretrain import run
@@ -59,7 +59,9 @@ def arc_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def arc_run(arc_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("arc_runs")
-    overrides = tiny_overrides(arc_data, root, max_steps=3, global_batch_size=8, eval_interval=100, run_name="arc", evaluators="[{name:arc},{name:exact}]")
+    overrides = tiny_overrides(
+        arc_data, root, max_steps=3, global_batch_size=8, eval_interval=100, run_name="arc", evaluators="[{name:arc},{name:exact}]"
+    )
     return Path(run(compose(overrides))["run_dir"])
 
 
@@ -226,7 +228,11 @@ def test_torchrun_with_two_processes_gives_the_single_process_metrics(runs: dict
     for out, launcher in ((tmp_path / "two", command), (tmp_path / "one", [sys.executable, "-m", "analysis.evaluate"])):
         result = subprocess.run(
             [*launcher, str(runs["ema"]), "--device", "cpu", "--quiet", "--out", str(out)],
-            cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         assert result.returncode == 0, result.stderr[-2000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -284,7 +290,9 @@ def test_visualiser_writes_a_png_for_a_sudoku_checkpoint(runs: dict[str, Path], 
 
 def test_visualiser_on_an_arc_puzzle_crops_the_canvas(arc_run: Path, arc_data: Path, tmp_path: Path) -> None:
     identifiers = json.loads((arc_data / "identifiers.json").read_text())
-    augmented = next(name for name in identifiers if "|||" in name and name.split("|||")[0] in json.loads((arc_data / "test_puzzles.json").read_text()))
+    augmented = next(
+        name for name in identifiers if "|||" in name and name.split("|||")[0] in json.loads((arc_data / "test_puzzles.json").read_text())
+    )
     index = find_example_index(arc_data, "test", None, augmented)
     example = load_example(arc_data, "test", index)
     assert example.puzzle_name == augmented
@@ -361,8 +369,19 @@ def test_evaluation_shows_progress_over_examples(tmp_path: Path, capsys: pytest.
     from analysis.evaluate import main as evaluate_cli_main
 
     fixture = Path(__file__).resolve().parent / "fixtures" / "reference"
-    status = evaluate_cli_main([str(fixture / "checkpoints" / "hrm_sudoku"), "--data", str(fixture / "sudoku"), "--batch-size", "4",
-                                "--out", str(tmp_path / "out"), "--device", "cpu"])
+    status = evaluate_cli_main(
+        [
+            str(fixture / "checkpoints" / "hrm_sudoku"),
+            "--data",
+            str(fixture / "sudoku"),
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert status == 0
     err = capsys.readouterr().err
     assert "/6 [" in err and "example/s" in err

@@ -24,8 +24,9 @@ def _train_losses(run_dir: Path) -> list[float]:
 
 
 def test_compiled_bfloat16_training_on_cuda_learns(sudoku_data: Path, tmp_path: Path) -> None:
-    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="cuda", device="cuda", compile=True,
-                                         max_steps=60, epochs=20, eval_interval=10)))
+    summary = run(
+        compose(tiny_overrides(sudoku_data, tmp_path, run_name="cuda", device="cuda", compile=True, max_steps=60, epochs=20, eval_interval=10))
+    )
     losses = _train_losses(Path(summary["run_dir"]))
     assert summary["status"] == "finished" and all(map(torch.isfinite, torch.tensor(losses)))
     assert sum(losses[-10:]) < sum(losses[:10])
@@ -43,9 +44,17 @@ def test_reading_ahead_on_cuda_gives_the_same_run(sudoku_data: Path, tmp_path: P
 def test_jd_with_the_mean_aggregator_is_gd_on_cuda(sudoku_data: Path, tmp_path: Path) -> None:
     common = dict(device="cuda", compile=False, max_steps=6, **{"arch.forward_dtype": "float32"})
     gd = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="gd", **common)))
-    mean = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="mean", **common,
-                                      **{"jd.split": "lm_loss_vs_q_halt_loss", "jd.aggregator": "mean",
-                                         "jd.aggregator_kwargs": "null"})))
+    mean = run(
+        compose(
+            tiny_overrides(
+                sudoku_data,
+                tmp_path,
+                run_name="mean",
+                **common,
+                **{"jd.split": "lm_loss_vs_q_halt_loss", "jd.aggregator": "mean", "jd.aggregator_kwargs": "null"},
+            )
+        )
+    )
     # The Mean aggregator's update is GD's (tests/test_jd_step.py on CPU): the same trajectory, up to
     # the rounding of the different reduction order on the GPU.
     a, b = _train_losses(Path(gd["run_dir"])), _train_losses(Path(mean["run_dir"]))

@@ -50,8 +50,14 @@ GLOBAL_SEMANTICS = [name for name in SCENARIOS if name not in LOCAL_SEMANTICS]
 def _run(config: JDConfig, batch_part: slice, *, world_size: int) -> dict[str, Any]:
     """One micro-batch (the rows ``batch_part`` of the global batch), backward + finish."""
     step = build_jd_step(config, world_size=world_size)
-    m = step.split.global_num_objectives(batch_size=batch_part.stop - batch_part.start, seq_len=SEQ, H_cycles=2,
-                                         halt_max_steps=HALT_MAX_STEPS, world_size=world_size, n_groups=config.n_groups)
+    m = step.split.global_num_objectives(
+        batch_size=batch_part.stop - batch_part.start,
+        seq_len=SEQ,
+        H_cycles=2,
+        halt_max_steps=HALT_MAX_STEPS,
+        world_size=world_size,
+        n_groups=config.n_groups,
+    )
     step.build_scalarizer(m, torch.device("cpu"))
     model, table = make_model(cycles=2, seed=0)
     batch = make_batch(GLOBAL_B, seed=11).part(batch_part)
@@ -79,8 +85,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         part = slice(rank * half, (rank + 1) * half)
         results = {name: _run(JDConfig(**kwargs), part, world_size=WORLD) for name, kwargs in SCENARIOS.items()}
         # Two micro-batches' diagnostics on this rank, reduced over micro-batches and ranks.
-        records = [{"jd/gd_similarity": 0.2 + rank, "jd/update_alignment_min": -rank, "jd/weights_max": 3.0 * rank},
-                   {"jd/gd_similarity": 0.4 + rank, "jd/update_alignment_min": 0.5, "jd/weights_max": 1.0}]
+        records = [
+            {"jd/gd_similarity": 0.2 + rank, "jd/update_alignment_min": -rank, "jd/weights_max": 3.0 * rank},
+            {"jd/gd_similarity": 0.4 + rank, "jd/update_alignment_min": 0.5, "jd/weights_max": 1.0},
+        ]
         results["reduced"] = reduce_step_diagnostics(records, WORLD)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:

@@ -28,7 +28,12 @@ def engine_gradients(
     model = build_model(arch, seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=PUZZLES, device=torch.device("cpu"))
     head = ACTLossHead(model)
     config = JDConfig(
-        split=split, aggregator=aggregator, engine=engine, n_groups=n_groups, include_puzzle_embedding=include_rows, parallel_chunk_size=parallel_chunk_size
+        split=split,
+        aggregator=aggregator,
+        engine=engine,
+        n_groups=n_groups,
+        include_puzzle_embedding=include_rows,
+        parallel_chunk_size=parallel_chunk_size,
     )
     step = build_jd_step(config)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -89,7 +94,9 @@ def test_non_gramian_aggregator_through_autojac_matches_gramian_with_mean(split:
         torch.testing.assert_close(x, y, rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(("split", "engine"), [("pixelwise_q_halt_in", "gramian"), ("lm_loss_vs_q_halt_loss", "autojac"), ("iwrm_with_q_halt_out", "gramian")])
+@pytest.mark.parametrize(
+    ("split", "engine"), [("pixelwise_q_halt_in", "gramian"), ("lm_loss_vs_q_halt_loss", "autojac"), ("iwrm_with_q_halt_out", "gramian")]
+)
 def test_rows_batched_with_vmap_give_the_row_by_row_gradients(split: str, engine: str) -> None:
     aggregator = "upgrad" if engine == "gramian" else "graddrop"
     one_by_one, _ = engine_gradients(split, aggregator, engine, n_groups=4 if split.startswith("pixel") else None)
@@ -116,7 +123,9 @@ def test_engines_under_torch_compile_give_the_eager_gradients() -> None:
 
     def gradients(engine: str, compiled: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        model = build_model(tiny_arch(halt_exploration_prob=0.0), seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=PUZZLES, device=torch.device("cpu"))
+        model = build_model(
+            tiny_arch(halt_exploration_prob=0.0), seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=PUZZLES, device=torch.device("cpu")
+        )
         if compiled:
             compile_core(model, repeated_backward=True)
         head = ACTLossHead(model)

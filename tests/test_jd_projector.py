@@ -103,9 +103,7 @@ def test_default_update_harms_no_objective_even_with_tiny_and_dependent_gradient
 def test_dualproj_and_batched_shapes() -> None:
     jacobian = _jacobian(9, 30, seed=5, conflicting=True)
     regularised = PivotingProjector(reg_eps=1e-4)
-    torch.testing.assert_close(
-        DualProj(projector=regularised)(jacobian), DualProj(projector=QuadprogProjector())(jacobian), rtol=1e-4, atol=1e-6
-    )
+    torch.testing.assert_close(DualProj(projector=regularised)(jacobian), DualProj(projector=QuadprogProjector())(jacobian), rtol=1e-4, atol=1e-6)
     gramian = jacobian @ jacobian.T
     lower = torch.rand(2, 3, 9, dtype=torch.float64)
     torch.testing.assert_close(regularised(lower, gramian), QuadprogProjector()(lower, gramian), rtol=1e-4, atol=1e-6)
@@ -120,7 +118,9 @@ def test_unsolved_problems_fall_back_to_quadprog() -> None:
     expected = QuadprogProjector()(lower, gramian)
     _, solved = solve_lcp(_regularized(gramian, 1e-4, 1e-4), lower @ _regularized(gramian, 1e-4, 1e-4), max_iterations=1)
     assert not solved.all()  # so the fallback is exercised
-    torch.testing.assert_close(PivotingProjector(reg_eps=1e-4, max_iterations=1)(lower, gramian), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+    torch.testing.assert_close(
+        PivotingProjector(reg_eps=1e-4, max_iterations=1)(lower, gramian), expected, rtol=0, atol=1e-4 * expected.abs().max().item()
+    )
 
 
 def test_a_zero_gramian_leaves_the_weights_unchanged() -> None:

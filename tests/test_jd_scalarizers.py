@@ -10,8 +10,8 @@ import torch
 from pydantic import ValidationError
 
 from jd.config import JDConfig
-from jd.splits import method_of
 from jd.scalarizers import ScalarizerStep, scalarizer_names
+from jd.splits import method_of
 from jd.step import build_jd_step
 from pretrain import run
 from tests.conftest import compose, tiny_overrides
@@ -25,8 +25,12 @@ def test_every_scalarizer_of_torchjd_is_reachable_by_name() -> None:
 
     assert {n for n in dir(scalarization) if n[0].isupper() and n != "Scalarizer"} == TORCHJD_SCALARIZERS
     assert len(scalarizer_names()) == len(TORCHJD_SCALARIZERS)
-    arguments = {"constant": {"weights": [1.0, 2.0, 3.0]}, "stch": {"mu": 0.5}, "pbi": {"theta": 1.0, "weights": [1.0, 1.0, 1.0]},
-                 "cosmos": {"lambda_": 0.1, "weights": [1.0, 1.0, 1.0]}}
+    arguments = {
+        "constant": {"weights": [1.0, 2.0, 3.0]},
+        "stch": {"mu": 0.5},
+        "pbi": {"theta": 1.0, "weights": [1.0, 1.0, 1.0]},
+        "cosmos": {"lambda_": 0.1, "weights": [1.0, 1.0, 1.0]},
+    }
     for name in scalarizer_names():
         step = ScalarizerStep(name, arguments.get(name, {}), num_objectives=3)
         assert step.coefficients(torch.tensor([0.5, 1.0, 2.0])).shape == (3,), name
@@ -36,7 +40,10 @@ def test_every_scalarizer_of_torchjd_is_reachable_by_name() -> None:
     ("kwargs", "message"),
     [
         ({"scalarizer": "uwx"}, r"unknown jd.scalarizer 'uwx' \(did you mean uw\?\); accepted: constant, cosmos, dwa, famo"),
-        ({"scalarizer": "famo", "scalarizer_kwargs": {"learning_rate": 1.0}}, r"unknown jd.scalarizer_kwargs \['learning_rate'\]; accepted: \['lr', 'min_losses', 'weight_decay'\]"),
+        (
+            {"scalarizer": "famo", "scalarizer_kwargs": {"learning_rate": 1.0}},
+            r"unknown jd.scalarizer_kwargs \['learning_rate'\]; accepted: \['lr', 'min_losses', 'weight_decay'\]",
+        ),
         ({"scalarizer": "stch"}, r"needs jd.scalarizer_kwargs \['mu'\]"),
     ],
 )
@@ -54,7 +61,9 @@ def test_an_aggregator_and_a_scalarizer_together_are_refused() -> None:
 
 def _toy_step(scalarizer: str, split: str = "iwrm_with_q_halt_in", **kwargs: object):
     step = build_jd_step(JDConfig(split=split, scalarizer=scalarizer, scalarizer_kwargs=kwargs or None))
-    step.build_scalarizer(step.split.global_num_objectives(batch_size=4, seq_len=SEQ, H_cycles=2, halt_max_steps=1, world_size=1, n_groups=None), torch.device("cpu"))
+    step.build_scalarizer(
+        step.split.global_num_objectives(batch_size=4, seq_len=SEQ, H_cycles=2, halt_max_steps=1, world_size=1, n_groups=None), torch.device("cpu")
+    )
     model, table = make_model(cycles=2, seed=0)
     steps, rows = run_steps(model, table, make_batch(4, seed=2), global_batch_size=4, keep_cycles=False)
     return step, list(model.parameters()), steps, rows
@@ -80,8 +89,18 @@ def test_sum_is_gradient_descent_and_weights_are_the_scalarizers_gradient() -> N
 def test_pretrain_trains_with_each_stateful_or_nonlinear_scalarizer(name: str, sudoku_data: Path, tmp_path: Path) -> None:
     """``python pretrain.py jd.split=iwrm_with_q_halt_in jd.scalarizer=NAME max_steps=5`` (tiny)."""
     extra = {"jd.scalarizer_kwargs": "{mu: 0.5}"} if name == "stch" else {}
-    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=5, run_name=name, eval_interval="null",
-                                         **{"jd.split": "iwrm_with_q_halt_in", "jd.scalarizer": name, **extra})))
+    summary = run(
+        compose(
+            tiny_overrides(
+                sudoku_data,
+                tmp_path,
+                max_steps=5,
+                run_name=name,
+                eval_interval="null",
+                **{"jd.split": "iwrm_with_q_halt_in", "jd.scalarizer": name, **extra},
+            )
+        )
+    )
     assert summary["status"] == "finished" and summary["final_step"] == 5
     records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/lm_loss" in r]

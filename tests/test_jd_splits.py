@@ -88,9 +88,7 @@ def test_m_and_sum_of_the_objectives(name: str) -> None:
 
 def test_halting_out_splits_keep_the_halting_loss_apart() -> None:
     terms = _terms(0)
-    torch.testing.assert_close(
-        get_split("lm_loss_vs_q_halt_loss").objectives([terms]), torch.stack([terms.lm.sum(), terms.halting().sum()])
-    )
+    torch.testing.assert_close(get_split("lm_loss_vs_q_halt_loss").objectives([terms]), torch.stack([terms.lm.sum(), terms.halting().sum()]))
     torch.testing.assert_close(get_split("iwrm_with_q_halt_out").objectives([terms])[B:], terms.halting())
     torch.testing.assert_close(get_split("pixelwise_q_halt_out").objectives([terms])[:S], terms.lm.sum(0))
     torch.testing.assert_close(get_split("iwrm_pixelwise_q_halt_out").objectives([terms])[: B * S], terms.lm.flatten())

@@ -41,9 +41,7 @@ class ToyRecursiveModel(nn.Module):
         self.lm_head = nn.Linear(DIM, VOCAB)
         self.q_head = nn.Linear(DIM, 2)
 
-    def forward(
-        self, tokens: Tensor, rows: Tensor, state: Tensor | None, keep_cycles: bool
-    ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    def forward(self, tokens: Tensor, rows: Tensor, state: Tensor | None, keep_cycles: bool) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """Logits of every cycle when ``keep_cycles``, else of the last one only."""
         injected = self.embed(tokens) + rows.unsqueeze(1)
         hidden = injected if state is None else injected + state
@@ -109,9 +107,9 @@ def run_steps(
         state = hidden.detach()
 
         def ce_of(logits: Tensor) -> Tensor:
-            return F.cross_entropy(
-                logits.reshape(-1, VOCAB), batch.labels.reshape(-1), ignore_index=IGNORE_LABEL_ID, reduction="none"
-            ).view(batch.labels.shape)
+            return F.cross_entropy(logits.reshape(-1, VOCAB), batch.labels.reshape(-1), ignore_index=IGNORE_LABEL_ID, reduction="none").view(
+                batch.labels.shape
+            )
 
         def lm_of(logits: Tensor) -> Tensor:
             return ce_of(logits) / divisor * scale
@@ -120,11 +118,7 @@ def run_steps(
         with torch.no_grad():
             exact = ((cycle_logits[-1].argmax(-1) == batch.labels) | ~mask).all(-1).float()
         q_halt = F.binary_cross_entropy_with_logits(q_halt_logits, exact, reduction="none") * scale
-        q_cont = (
-            F.binary_cross_entropy_with_logits(q_continue_logits, torch.full_like(exact, 0.3), reduction="none") * scale
-            if q_continue
-            else None
-        )
+        q_cont = F.binary_cross_entropy_with_logits(q_continue_logits, torch.full_like(exact, 0.3), reduction="none") * scale if q_continue else None
         internal = [lm_of(c) for c in cycle_logits[:-1]] + [lm] if keep_cycles else None
         previous = [torch.zeros_like(cycle_logits[0])] + [c.detach() for c in cycle_logits[:-1]]
         differential = [ce_of(c - p) * scale for c, p in zip(cycle_logits, previous)] if keep_cycles else None
@@ -177,8 +171,12 @@ ENGINE_SPLITS = [(split, engine) for split in JD_SPLITS for engine in ("autojac"
 
 
 STACK_SEMANTICS = {"study": {}, "plain": {"internal_loss": "plain", "supervision_loop": "carry"}}
-SEMANTIC_SPLITS = [(split, engine, semantics) for split, engine in ENGINE_SPLITS for semantics in STACK_SEMANTICS
-                   if semantics == "study" or split in INTERNAL_STACKS or "supervisions" in split]
+SEMANTIC_SPLITS = [
+    (split, engine, semantics)
+    for split, engine in ENGINE_SPLITS
+    for semantics in STACK_SEMANTICS
+    if semantics == "study" or split in INTERNAL_STACKS or "supervisions" in split
+]
 
 
 @pytest.mark.parametrize(("split", "engine", "semantics"), SEMANTIC_SPLITS)
@@ -384,8 +382,15 @@ def _tiny_trm_steps(split: str, *, engine: str = "auto", aggregator: str = "mean
     from models.registry import build_model
 
     arch = ArchConfig(
-        hidden_size=32, num_heads=2, L_layers=1, H_cycles=2, L_cycles=1, puzzle_emb_ndim=32, puzzle_emb_len=1,
-        halt_max_steps=2, forward_dtype="float32",
+        hidden_size=32,
+        num_heads=2,
+        L_layers=1,
+        H_cycles=2,
+        L_cycles=1,
+        puzzle_emb_ndim=32,
+        puzzle_emb_len=1,
+        halt_max_steps=2,
+        forward_dtype="float32",
     )
     torch.manual_seed(0)
     model = build_model(arch, seq_len=16, vocab_size=11, num_puzzle_identifiers=4, device=torch.device("cpu"))
@@ -398,8 +403,13 @@ def _tiny_trm_steps(split: str, *, engine: str = "auto", aggregator: str = "mean
     carry = head.initial_carry(batch)
     steps = []
     for _ in range(step.split.supervision_steps(arch.halt_max_steps)):
-        carry, terms, _, _, _ = head(carry, batch, global_batch_size=3, keep_cycle_logits=step.split.needs_cycle_logits,
-                                     differential_cycles=step.split.needs_differential_cycles)
+        carry, terms, _, _, _ = head(
+            carry,
+            batch,
+            global_batch_size=3,
+            keep_cycle_logits=step.split.needs_cycle_logits,
+            differential_cycles=step.split.needs_differential_cycles,
+        )
         steps.append(terms)
     rows = [leaf for _, leaf in model.puzzle_embedding.pending_rows()]
     params = [p for p in model.parameters() if p.requires_grad]

@@ -54,7 +54,7 @@ def test_forward_backward_shapes(arch: str) -> None:
     terms.total().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
-    (ids, rows), = model.puzzle_embedding.pending_rows()
+    ((ids, rows),) = model.puzzle_embedding.pending_rows()
     assert rows.grad is not None and rows.grad.shape == (BATCH, config.puzzle_emb_ndim)
     assert torch.equal(ids, batch["puzzle_identifiers"])
 
@@ -91,7 +91,9 @@ def test_act_halts_at_max_steps_in_eval() -> None:
 
 def test_act_q_halt_and_exploration_in_training() -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_arch(halt_max_steps=4, halt_exploration_prob=0.0), seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=PUZZLES, device=CPU)
+    model = build_model(
+        tiny_arch(halt_max_steps=4, halt_exploration_prob=0.0), seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=PUZZLES, device=CPU
+    )
     batch = make_batch()
     with torch.no_grad():
         model.core.q_head.bias.copy_(torch.tensor([5.0, 0.0]))  # q_halt > 0: halt after one step

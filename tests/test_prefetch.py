@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -22,8 +22,7 @@ CPU = torch.device("cpu")
 
 
 def _stream(data: PuzzleDataset, depth: int, iterations: int, progress: Progress, ends: list[tuple[int, int]]) -> TrainBatches:
-    return TrainBatches(progress, iterations, data.train_batches, lambda: ends.append((progress.iteration, progress.batch_in_iteration)),
-                        depth, CPU)
+    return TrainBatches(progress, iterations, data.train_batches, lambda: ends.append((progress.iteration, progress.batch_in_iteration)), depth, CPU)
 
 
 def _drain(stream: TrainBatches, progress: Progress) -> list[tuple[int, int, torch.Tensor]]:
@@ -86,8 +85,7 @@ def test_a_run_reading_ahead_is_the_run_without(sudoku_data: Path, tmp_path: Pat
 @pytest.mark.slow
 def test_sigkill_mid_epoch_while_reading_ahead_then_resume_matches(sudoku_data: Path, tmp_path: Path) -> None:
     kill_after = random.Random().choice([k for k in range(2, 16) if k % 6])  # 6 batches per epoch: mid-epoch
-    common = dict(max_steps=24, epochs=8, eval_interval=2, checkpoint_interval=1, keep_last=3, prefetch_batches=3,
-                  custom_sampling=True)
+    common = dict(max_steps=24, epochs=8, eval_interval=2, checkpoint_interval=1, keep_last=3, prefetch_batches=3, custom_sampling=True)
     reference = Path(run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="reference", **common)))["run_dir"])
     args = tiny_overrides(sudoku_data, tmp_path, run_name="killed", **common)
     run_dir = tmp_path / "sudoku4" / "killed"

@@ -35,7 +35,9 @@ def _same_numerics() -> bool:
 
 def _assert_same(expected: Any, actual: Any, where: str, exact: bool) -> None:
     if isinstance(expected, dict):
-        assert isinstance(actual, dict) and set(actual) == set(expected), f"{where}: keys {sorted(expected)} vs {sorted(actual) if isinstance(actual, dict) else actual}"
+        assert isinstance(actual, dict) and set(actual) == set(expected), (
+            f"{where}: keys {sorted(expected)} vs {sorted(actual) if isinstance(actual, dict) else actual}"
+        )
         for key in expected:
             _assert_same(expected[key], actual[key], f"{where}.{key}", exact)
     elif isinstance(expected, (list, tuple)):

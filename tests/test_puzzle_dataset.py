@@ -45,9 +45,7 @@ def _synthetic_dataset(
     seq_len: int = SEQ_LEN,
     test_groups: int = 5,
 ) -> Path:
-    metadata = DatasetMetadata(
-        kind="synthetic", seq_len=seq_len, vocab_size=60, num_puzzle_identifiers=len(identifiers), grid_shape=(1, seq_len)
-    )
+    metadata = DatasetMetadata(kind="synthetic", seq_len=seq_len, vocab_size=60, num_puzzle_identifiers=len(identifiers), grid_shape=(1, seq_len))
     splits = {
         "train": _synthetic_split(groups, puzzles_per_group, examples_per_puzzle, len(identifiers)),
         "test": _synthetic_split(test_groups, 1, 1, len(identifiers)),
@@ -59,9 +57,7 @@ def _synthetic_dataset(
     return write_dataset(path, metadata, splits, list(identifiers))
 
 
-def _global_batches(
-    path: Path, world_size: int, global_batch_size: int, seed: int = 0, iteration: int = 0
-) -> list[dict[str, torch.Tensor]]:
+def _global_batches(path: Path, world_size: int, global_batch_size: int, seed: int = 0, iteration: int = 0) -> list[dict[str, torch.Tensor]]:
     """Train batches of every rank, concatenated back into global batches."""
     per_rank = [
         list(PuzzleDataset([path], "train", global_batch_size, rank=rank, world_size=world_size, seed=seed).train_batches(iteration))

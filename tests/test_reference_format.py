@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.evaluate import main as evaluate_main
+from analysis.evaluate import model_from_checkpoint, read_checkpoint
+from analysis.export import export
 from dataset.common import DatasetError, read_metadata
 from dataset.puzzle_dataset import PuzzleDataset
 from evaluators.arc import ARCEvaluator
-from analysis.export import export
-from analysis.evaluate import main as evaluate_main
-from analysis.evaluate import model_from_checkpoint, read_checkpoint
 from pretrain import run
 from tests.conftest import compose, tiny_overrides
 from training.checkpoint import CheckpointError, list_checkpoints, read_state
@@ -65,10 +65,19 @@ def test_reference_dataset_merges_with_the_toolkits_own(sudoku_data: Path, tmp_p
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda d: (d / "train" / "all__inputs.npy").write_bytes((d / "train" / "all__inputs.npy").read_bytes()[:300]), "all__inputs.npy: unreadable or truncated"),
-        (lambda d: np.save(d / "train" / "all__inputs.npy", np.load(d / "train" / "all__inputs.npy").astype(np.float32)), "all__inputs.npy: dtype float32"),
+        (
+            lambda d: (d / "train" / "all__inputs.npy").write_bytes((d / "train" / "all__inputs.npy").read_bytes()[:300]),
+            "all__inputs.npy: unreadable or truncated",
+        ),
+        (
+            lambda d: np.save(d / "train" / "all__inputs.npy", np.load(d / "train" / "all__inputs.npy").astype(np.float32)),
+            "all__inputs.npy: dtype float32",
+        ),
         (lambda d: np.save(d / "train" / "all__labels.npy", np.load(d / "train" / "all__labels.npy") + 20), "all__labels.npy: tokens span"),
-        (lambda d: np.save(d / "train" / "all__puzzle_indices.npy", np.load(d / "train" / "all__puzzle_indices.npy")[:-1]), "all__puzzle_indices.npy"),
+        (
+            lambda d: np.save(d / "train" / "all__puzzle_indices.npy", np.load(d / "train" / "all__puzzle_indices.npy")[:-1]),
+            "all__puzzle_indices.npy",
+        ),
         (lambda d: (d / "train" / "all__group_indices.npy").unlink(), "all__group_indices.npy is missing"),
         (lambda d: _edit_json(d / "test" / "dataset.json", seq_len=80), "seq_len=80 differs"),
         (lambda d: _edit_json(d / "train" / "dataset.json", sets=[]), "sets=\\[\\] must be"),
@@ -118,7 +127,7 @@ def test_reference_checkpoint_gives_the_reference_outputs(name: str, data: str) 
     with torch.no_grad():
         for batch in PuzzleDataset([FIXTURE / data], "test", 4).test_batches():
             carry = loaded.loss_head.initial_carry(batch)
-            for step in range(config.arch.halt_max_steps):
+            for _ in range(config.arch.halt_max_steps):
                 carry, _, metrics, outputs, _ = loaded.loss_head(carry, batch, global_batch_size=4)
                 preds.append(outputs["preds"].numpy())
                 q_halts.append(outputs["q_halt_logits"].numpy())
@@ -148,10 +157,23 @@ def test_a_reference_checkpoint_without_its_config_uses_the_weights_and_set_over
     folder = tmp_path / "released"
     folder.mkdir()
     shutil.copy(FIXTURE / "checkpoints" / "trm_arc" / "step_7", folder / "step_7")
-    overrides = ["--set", "arch.H_cycles=2", "--set", "arch.L_cycles=2", "--set", "arch.num_heads=2", "--set", "arch.halt_max_steps=3",
-                 "--set", "arch.puzzle_emb_len=2", "--set", "arch.forward_dtype=float32"]
-    status = evaluate_main([str(folder), "--data", str(FIXTURE / "arc"), "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu",
-                            "--batch-size", "4", *overrides])
+    overrides = [
+        "--set",
+        "arch.H_cycles=2",
+        "--set",
+        "arch.L_cycles=2",
+        "--set",
+        "arch.num_heads=2",
+        "--set",
+        "arch.halt_max_steps=3",
+        "--set",
+        "arch.puzzle_emb_len=2",
+        "--set",
+        "arch.forward_dtype=float32",
+    ]
+    status = evaluate_main(
+        [str(folder), "--data", str(FIXTURE / "arc"), "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu", "--batch-size", "4", *overrides]
+    )
     assert status == 0
     err = capsys.readouterr().err
     assert "all_config.yaml is missing" in err
@@ -188,9 +210,20 @@ def test_the_jd_forks_trmjd_weights_load(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- fine-tuning, export
 @pytest.mark.parametrize("split", ["none", "iwrm_with_q_halt_in"])
 def test_training_starts_from_a_reference_checkpoint_on_a_reference_dataset(tmp_path: Path, split: str, capsys: pytest.CaptureFixture[str]) -> None:
-    arch = ["arch=hrm", "arch.hidden_size=32", "arch.num_heads=2", "arch.expansion=4", "arch.H_layers=1", "arch.L_layers=1",
-            "arch.H_cycles=2", "arch.L_cycles=2", "arch.halt_max_steps=3", "arch.puzzle_emb_ndim=32", "arch.puzzle_emb_len=0",
-            "arch.forward_dtype=float32"]
+    arch = [
+        "arch=hrm",
+        "arch.hidden_size=32",
+        "arch.num_heads=2",
+        "arch.expansion=4",
+        "arch.H_layers=1",
+        "arch.L_layers=1",
+        "arch.H_cycles=2",
+        "arch.L_cycles=2",
+        "arch.halt_max_steps=3",
+        "arch.puzzle_emb_ndim=32",
+        "arch.puzzle_emb_len=0",
+        "arch.forward_dtype=float32",
+    ]
     overrides = tiny_overrides(FIXTURE / "sudoku", tmp_path, global_batch_size=4, max_steps=3, eval_interval="null", run_name=f"ft-{split}")
     overrides = [o for o in overrides if not o.startswith("arch.")] + arch
     config = compose(overrides + [f"init_from={FIXTURE / 'checkpoints' / 'hrm_sudoku'}", f"jd.split={split}"])
@@ -270,5 +303,7 @@ def test_the_visualiser_draws_a_reference_checkpoint(tmp_path: Path) -> None:
     from analysis.visualize_recursion import main as visualize_main
 
     out = tmp_path / "recursion.png"
-    status = visualize_main([str(FIXTURE / "checkpoints" / "trm_arc"), "--data", str(FIXTURE / "arc"), "--index", "0", "--out", str(out), "--device", "cpu"])
+    status = visualize_main(
+        [str(FIXTURE / "checkpoints" / "trm_arc"), "--data", str(FIXTURE / "arc"), "--index", "0", "--out", str(out), "--device", "cpu"]
+    )
     assert status == 0 and out.stat().st_size > 10_000

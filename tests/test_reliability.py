@@ -73,7 +73,9 @@ def assert_identical(a: Any, b: Any, where: str = "state") -> None:
     """Recursive bitwise equality of checkpoint contents (tensors, dicts, lists, numbers, strings)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())), where
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())), (
+            where
+        )
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(set(a) ^ set(b))}"
         for key in a:
@@ -312,7 +314,9 @@ def test_torchrun_restart_resumes_from_the_latest_checkpoint(sudoku_data: Path, 
     # No run_name: the generated name must be found again by the restarted worker (torchrun's run id).
     args = tiny_overrides(sudoku_data, tmp_path / "elastic", **common)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--max-restarts", "1", "--monitor-interval", "0.1"]
-    process = subprocess.Popen([*torchrun, "pretrain.py", *args], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*torchrun, "pretrain.py", *args], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     pattern = str(tmp_path / "elastic" / "sudoku4" / "*" / "checkpoints" / f"step_{kill_after:08d}.pt")
     wait_for(lambda: bool(glob.glob(pattern)), process)
     workers = _children(process.pid)
@@ -571,8 +575,7 @@ def test_bad_checkpoints_fail_in_one_line_and_change_nothing(sudoku_data: Path, 
     assert [p.name for p in list_checkpoints(tmp_path / "sudoku4" / "branch")][-1] == "step_00000004.pt"
 
 
-def test_a_signal_while_starting_stops_with_a_word_and_a_second_signal_is_named_in_the_status(
-        capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_signal_while_starting_stops_with_a_word_and_a_second_signal_is_named_in_the_status(capfd: pytest.CaptureFixture[str]) -> None:
     from training.interrupt import StartupSignals, stopped_at_once_status
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -8,16 +8,26 @@ from pathlib import Path
 
 import pytest
 
-from analysis.study import RECIPES, main as study_main, plan_runs, run_status
+from analysis.study import RECIPES, plan_runs, run_status
+from analysis.study import main as study_main
 
-TINY = ["arch.hidden_size=32", "arch.num_heads=2", "arch.expansion=2", "arch.L_layers=1", "arch.H_cycles=2",
-        "arch.L_cycles=1", "arch.halt_max_steps=3", "global_batch_size=16", "max_steps=3", "eval_max_batches=1",
-        "lr_warmup_steps=1"]
+TINY = [
+    "arch.hidden_size=32",
+    "arch.num_heads=2",
+    "arch.expansion=2",
+    "arch.L_layers=1",
+    "arch.H_cycles=2",
+    "arch.L_cycles=1",
+    "arch.halt_max_steps=3",
+    "global_batch_size=16",
+    "max_steps=3",
+    "eval_max_batches=1",
+    "lr_warmup_steps=1",
+]
 
 
 def _args(out: Path, *extra: str) -> list[str]:
-    args = ["--recipe", "sudoku4x4", "--out", str(out), "--arms", "gd,iwrm_upgrad", "--seeds", "0,1",
-            "--threads", "1", *extra]
+    args = ["--recipe", "sudoku4x4", "--out", str(out), "--arms", "gd,iwrm_upgrad", "--seeds", "0,1", "--threads", "1", *extra]
     for item in TINY:
         args += ["--set", item]
     return args

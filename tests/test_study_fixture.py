@@ -48,8 +48,11 @@ def study_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dataset of the fixture's sizes (its content is not read: the tests feed the fixture's batches)."""
     generator = np.random.default_rng(0)
     arrays = SplitArrays(
-        inputs=generator.integers(1, 6, (8, 16)), labels=generator.integers(1, 6, (8, 16)),
-        puzzle_identifiers=np.array([1, 2, 3, 4]), puzzle_indices=np.array([0, 2, 4, 6, 8]), group_indices=np.array([0, 4]),
+        inputs=generator.integers(1, 6, (8, 16)),
+        labels=generator.integers(1, 6, (8, 16)),
+        puzzle_identifiers=np.array([1, 2, 3, 4]),
+        puzzle_indices=np.array([0, 2, 4, 6, 8]),
+        group_indices=np.array([0, 4]),
     )
     metadata = DatasetMetadata(kind="fixture", seq_len=16, vocab_size=6, num_puzzle_identifiers=5, grid_shape=(4, 4))
     path = tmp_path_factory.mktemp("study") / "data"
@@ -59,14 +62,36 @@ def study_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def study_trainer(settings: dict[str, Any], data: Path, runs: Path, *extra: str) -> Trainer:
     """The real trainer, ``compat=jd_study``, with the fixture's architecture, weights and case settings."""
     split = "none" if settings["split"] == "sum" else settings["split"]
-    arch_keys = ("hidden_size", "num_heads", "expansion", "H_cycles", "L_cycles", "L_layers", "halt_max_steps", "puzzle_emb_ndim",
-                 "puzzle_emb_len", "pos_encodings")
+    arch_keys = (
+        "hidden_size",
+        "num_heads",
+        "expansion",
+        "H_cycles",
+        "L_cycles",
+        "L_layers",
+        "halt_max_steps",
+        "puzzle_emb_ndim",
+        "puzzle_emb_len",
+        "pos_encodings",
+    )
     checkpoint = FIXTURE / (settings["checkpoint"] or "step_0")
     overrides = [
-        "compat=jd_study", f"jd.split={split}", *(f"arch.{key}={ARCH[key]}" for key in arch_keys), "arch.forward_dtype=float32",
-        "arch.dropout=0.0", f"init_from={checkpoint}", f"data_paths=[{data}]", f"runs_root={runs}", "global_batch_size=4",
-        "lr_warmup_steps=0", "device=cpu", "progress_bar=false", "wandb.mode=disabled", "eval_steps=[]",
-        f"jd.differential_loss={settings['differential_loss']}", f"freeze_weights={settings['freeze_weights']}",
+        "compat=jd_study",
+        f"jd.split={split}",
+        *(f"arch.{key}={ARCH[key]}" for key in arch_keys),
+        "arch.forward_dtype=float32",
+        "arch.dropout=0.0",
+        f"init_from={checkpoint}",
+        f"data_paths=[{data}]",
+        f"runs_root={runs}",
+        "global_batch_size=4",
+        "lr_warmup_steps=0",
+        "device=cpu",
+        "progress_bar=false",
+        "wandb.mode=disabled",
+        "eval_steps=[]",
+        f"jd.differential_loss={settings['differential_loss']}",
+        f"freeze_weights={settings['freeze_weights']}",
         f"jd.carry_perturbation_rate={settings['carry_perturbation_rate']}",
     ]
     if settings["n_groups"]:
@@ -285,13 +310,27 @@ def test_the_readmes_rerun_commands_log_the_studys_m(index: int, study_data: Pat
 
     command = _rerun_commands()[index]
     overrides = dict(token.split("=", 1) for token in shlex.split(command)[2:])
-    arch = {f"arch.{key}": ARCH[key] for key in ("hidden_size", "num_heads", "expansion", "H_cycles", "L_cycles", "L_layers",
-                                                 "puzzle_emb_ndim", "puzzle_emb_len", "pos_encodings")}
-    overrides.update(arch, **{
-        "arch.halt_max_steps": 5, "arch.forward_dtype": "float32", "init_from": str(FIXTURE / "trm_qhead" / "step_0"),
-        "data_paths": f"[{study_data}]", "global_batch_size": 4, "max_steps": 3, "runs_root": str(tmp_path),
-        "evaluators": "[{name:exact}]", "device": "cpu", "progress_bar": False, "wandb.mode": "disabled", "lr_warmup_steps": 0,
-    })
+    arch = {
+        f"arch.{key}": ARCH[key]
+        for key in ("hidden_size", "num_heads", "expansion", "H_cycles", "L_cycles", "L_layers", "puzzle_emb_ndim", "puzzle_emb_len", "pos_encodings")
+    }
+    overrides.update(
+        arch,
+        **{
+            "arch.halt_max_steps": 5,
+            "arch.forward_dtype": "float32",
+            "init_from": str(FIXTURE / "trm_qhead" / "step_0"),
+            "data_paths": f"[{study_data}]",
+            "global_batch_size": 4,
+            "max_steps": 3,
+            "runs_root": str(tmp_path),
+            "evaluators": "[{name:exact}]",
+            "device": "cpu",
+            "progress_bar": False,
+            "wandb.mode": "disabled",
+            "lr_warmup_steps": 0,
+        },
+    )
     trainer = Trainer(compose([f"{key}={value}" for key, value in overrides.items()]), CPU)
     assert trainer.config.arch.no_act and trainer.model.core.q_head is None
     split = trainer.jd_step.split

@@ -43,8 +43,13 @@ def stablemax_ce(logits: Tensor, labels: Tensor) -> Tensor:
 
 def _setup(H: int = 3, halt_max_steps: int = 3, **arch: object):
     torch.manual_seed(0)
-    model = build_model(tiny_arch(H_cycles=H, halt_max_steps=halt_max_steps, halt_exploration_prob=0.0, **arch),
-                        seq_len=16, vocab_size=11, num_puzzle_identifiers=4, device=torch.device("cpu"))
+    model = build_model(
+        tiny_arch(H_cycles=H, halt_max_steps=halt_max_steps, halt_exploration_prob=0.0, **arch),
+        seq_len=16,
+        vocab_size=11,
+        num_puzzle_identifiers=4,
+        device=torch.device("cpu"),
+    )
     batch = tiny_trm_batch()
     return model, ACTLossHead(model), batch
 
@@ -85,7 +90,9 @@ def test_plain_internal_stack_keeps_todays_objectives() -> None:
 
 
 # ----------------------------------------------------------------------------- supervision stacks
-@pytest.mark.parametrize("name", ["stack_supervisions", "stack_supervisions_and_iwrm", "stack_supervisions_and_pixelwise", "stack_supervisions_and_sum"])
+@pytest.mark.parametrize(
+    "name", ["stack_supervisions", "stack_supervisions_and_iwrm", "stack_supervisions_and_pixelwise", "stack_supervisions_and_sum"]
+)
 def test_same_batch_supervision_stacks_follow_the_study(name: str) -> None:
     """One batch, fresh carry, steps until all halted; each step's LM loss / halt_max_steps, no halting term."""
     halt_max_steps = 4
@@ -115,8 +122,11 @@ def _trainer(data: Path, tmp_path: Path, **extra: object) -> Trainer:
 
 
 def test_the_same_batch_loop_reads_one_batch_and_stops_when_all_halted(sudoku_data: Path, tmp_path: Path) -> None:
-    trainer = _trainer(sudoku_data, tmp_path, **{"jd.split": "stack_supervisions", "jd.max_supervisions": 3,
-                                                 "arch.halt_max_steps": 3, "arch.halt_exploration_prob": 0.0, "run_name": "sb"})
+    trainer = _trainer(
+        sudoku_data,
+        tmp_path,
+        **{"jd.split": "stack_supervisions", "jd.max_supervisions": 3, "arch.halt_max_steps": 3, "arch.halt_exploration_prob": 0.0, "run_name": "sb"},
+    )
     assert trainer.batches_per_step == 1 and trainer.supervision_steps == 3
     metrics = trainer.step()
     assert metrics["jd/num_objectives"] == 3 and trainer.progress.batch_in_iteration == 1  # one batch for three steps
@@ -126,8 +136,11 @@ def test_the_same_batch_loop_reads_one_batch_and_stops_when_all_halted(sudoku_da
         trainer.model.core.q_head.bias.fill_(10.0)  # every sample halts at its first step
     metrics = trainer.step()
     assert metrics["jd/num_objectives"] == 1 and metrics["train/halted_count"] == 16
-    carry_run = _trainer(sudoku_data, tmp_path, **{"jd.split": "stack_supervisions", "jd.supervision_loop": "carry",
-                                                   "jd.max_supervisions": 3, "arch.halt_max_steps": 3, "run_name": "carry"})
+    carry_run = _trainer(
+        sudoku_data,
+        tmp_path,
+        **{"jd.split": "stack_supervisions", "jd.supervision_loop": "carry", "jd.max_supervisions": 3, "arch.halt_max_steps": 3, "run_name": "carry"},
+    )
     assert carry_run.batches_per_step == 3
     carry_run.step()
     assert carry_run.progress.batch_in_iteration == 3
@@ -135,8 +148,13 @@ def test_the_same_batch_loop_reads_one_batch_and_stops_when_all_halted(sudoku_da
 
 def test_pretrain_logs_h_plus_one_objectives_for_the_studys_internal_stack(sudoku_data: Path, tmp_path: Path) -> None:
     """``python pretrain.py jd.split=stack_internal_losses jd.aggregator=upgrad max_steps=3``, tiny."""
-    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=3, run_name="internal",
-                                         **{"jd.split": "stack_internal_losses", "jd.aggregator": "upgrad"})))
+    summary = run(
+        compose(
+            tiny_overrides(
+                sudoku_data, tmp_path, max_steps=3, run_name="internal", **{"jd.split": "stack_internal_losses", "jd.aggregator": "upgrad"}
+            )
+        )
+    )
     records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["jd/num_objectives"] for r in records if "jd/num_objectives" in r] == [3.0, 3.0, 3.0]  # H_cycles=2 -> m=3
 
@@ -178,8 +196,9 @@ def _one_cell_puzzles(path: Path) -> Path:
 
 def test_custom_sampling_counts_halted_samples_and_reweights_the_next_iteration(tmp_path: Path) -> None:
     data = _one_cell_puzzles(tmp_path / "cells")
-    trainer = _trainer(data, tmp_path, custom_sampling=True, global_batch_size=4, epochs=2, eval_interval=1, run_name="hard",
-                       **{"arch.halt_max_steps": 1})
+    trainer = _trainer(
+        data, tmp_path, custom_sampling=True, global_batch_size=4, epochs=2, eval_interval=1, run_name="hard", **{"arch.halt_max_steps": 1}
+    )
     halted = exact = 0
     for _ in range(trainer.data.train.num_train_batches(0)):
         metrics = trainer.step()
@@ -235,10 +254,18 @@ def test_the_studys_fine_tuning_recipe_runs_end_to_end(sudoku_data: Path, tmp_pa
     pretrained = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=4, run_name="pre", eval_interval="null")))
     other = tmp_path / "other"
     build_generated_sudoku(other, size=4, num_train=48, num_test=8, min_givens=6, max_givens=8, seed=5, progress=False)
-    summary = run(compose(tiny_overrides(other, tmp_path, max_steps=3, run_name="ft", eval_interval="null") + [
-        f"init_from={pretrained['run_dir']}", "freeze_weights=true", "custom_sampling=true",
-        "jd.split=stack_supervisions", "jd.aggregator=upgrad",
-    ]))
+    summary = run(
+        compose(
+            tiny_overrides(other, tmp_path, max_steps=3, run_name="ft", eval_interval="null")
+            + [
+                f"init_from={pretrained['run_dir']}",
+                "freeze_weights=true",
+                "custom_sampling=true",
+                "jd.split=stack_supervisions",
+                "jd.aggregator=upgrad",
+            ]
+        )
+    )
     assert summary["status"] == "finished" and summary["final_step"] == 3
     assert "init_from: weights from the checkpoint" in capsys.readouterr().out
     source = torch.load(Path(pretrained["checkpoint"]), weights_only=True)["model"]
@@ -258,9 +285,15 @@ def test_an_optuna_search_of_two_trials_runs_to_the_end(sudoku_data: Path, tmp_p
 
     from tests.conftest import REPO
 
-    args = [sys.executable, str(REPO / "pretrain.py"), "-m", "hydra/sweeper=study_sweep", "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.params={arch.H_cycles: 'choice(1, 2)', lr: 'interval(1e-4, 1e-3)'}",
-            *tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null")]
+    args = [
+        sys.executable,
+        str(REPO / "pretrain.py"),
+        "-m",
+        "hydra/sweeper=study_sweep",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.params={arch.H_cycles: 'choice(1, 2)', lr: 'interval(1e-4, 1e-3)'}",
+        *tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null"),
+    ]
     result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     (found,) = (tmp_path / "multirun").glob("*/optimization_results.yaml")  # under runs_root
@@ -283,9 +316,16 @@ def test_an_optuna_search_goes_on_past_a_failed_trial(sudoku_data: Path, tmp_pat
 
     from tests.conftest import REPO
 
-    args = [sys.executable, str(REPO / "pretrain.py"), "-m", "hydra/sweeper=study_sweep", "hydra.sweeper.n_trials=3",
-            "hydra.sweeper.params={lr: 'choice(-1.0, 1e-3)'}", f"data_paths=choice([{sudoku_data}],[{sudoku_data}])",
-            *[o for o in tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null") if not o.startswith("data_paths=")]]
+    args = [
+        sys.executable,
+        str(REPO / "pretrain.py"),
+        "-m",
+        "hydra/sweeper=study_sweep",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.params={lr: 'choice(-1.0, 1e-3)'}",
+        f"data_paths=choice([{sudoku_data}],[{sudoku_data}])",
+        *[o for o in tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null") if not o.startswith("data_paths=")],
+    ]
     result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     (found,) = (tmp_path / "multirun").glob("*/optimization_results.yaml")

@@ -27,9 +27,11 @@ from dataset.build_sudoku_dataset import (
     count_solutions,
     generate_sudoku,
     is_valid_solution,
-    main as sudoku_main,
     read_sudoku_csv,
     solve_sudoku,
+)
+from dataset.build_sudoku_dataset import (
+    main as sudoku_main,
 )
 from dataset.common import DatasetError, read_metadata, read_split
 

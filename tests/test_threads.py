@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import training.threads
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import tiny_overrides
 from training.threads import choose_threads
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

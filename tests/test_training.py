@@ -120,8 +120,9 @@ def test_bad_input_stops_before_training(sudoku_data: Path, tmp_path: Path) -> N
         ({"jd.split": "lm_loss_vs_q_halt_loss", "jd.scalarizer": "constant", "jd.scalarizer_kwargs": "{weights: [1, 2, 3]}"}, "m=2"),
     ],
 )
-def test_a_misspelt_or_unused_method_name_is_refused_before_training(sudoku_data: Path, tmp_path: Path, overrides: dict[str, str],
-                                                                      message: str) -> None:
+def test_a_misspelt_or_unused_method_name_is_refused_before_training(
+    sudoku_data: Path, tmp_path: Path, overrides: dict[str, str], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         run(compose(tiny_overrides(sudoku_data, tmp_path, **overrides)))
     assert not (tmp_path / "sudoku4").exists()  # nothing was created
@@ -136,7 +137,10 @@ def test_checkpoint_of_another_model_is_rejected(sudoku_data: Path, tmp_path: Pa
 def test_cli_prints_a_one_line_error(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "pretrain.py", f"data_paths=[{tmp_path / 'nothing'}]", "wandb.mode=disabled", "device=cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "does not exist" in result.stderr
@@ -217,7 +221,13 @@ def test_autogram_on_the_recursive_model_is_refused_before_the_run_starts(sudoku
     with pytest.raises(ConfigError, match="arch=trm with jd.split=iwrm_with_q_halt_in: jd.engine=autogram: module .* ran 2 times"):
         run(compose(overrides))
     assert not any(tmp_path.iterdir())  # no run directory was created
-    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, **{"arch": "transformer", "jd.split": "iwrm_with_q_halt_in", "jd.engine": "autogram", "max_steps": 2})))
+    summary = run(
+        compose(
+            tiny_overrides(
+                sudoku_data, tmp_path, **{"arch": "transformer", "jd.split": "iwrm_with_q_halt_in", "jd.engine": "autogram", "max_steps": 2}
+            )
+        )
+    )
     assert summary["status"] == "finished" and summary["final_step"] == 2
 
 
@@ -299,8 +309,7 @@ def test_python_m_jd_lists_what_the_config_accepts() -> None:
 
 
 def test_eval_steps_add_early_evaluations(sudoku_data: Path, tmp_path: Path) -> None:
-    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="early", max_steps=5, eval_interval=100,
-                                         eval_steps="[2]")))
+    summary = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="early", max_steps=5, eval_interval=100, eval_steps="[2]")))
     records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval/exact_accuracy" in r] == [2, 5]  # the early one, then the final one
     assert compose(tiny_overrides(sudoku_data, tmp_path)).eval_steps == [150]  # the demo's default
@@ -310,9 +319,14 @@ def test_eval_steps_add_early_evaluations(sudoku_data: Path, tmp_path: Path) -> 
 def test_online_wandb_without_a_login_is_one_line(sudoku_data: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "pretrain.py", f"data_paths=[{sudoku_data}]", "wandb.mode=online",
-                             f"runs_root={tmp_path / 'runs'}", "device=cpu"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        [sys.executable, "pretrain.py", f"data_paths=[{sudoku_data}]", "wandb.mode=online", f"runs_root={tmp_path / 'runs'}", "device=cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: wandb.mode=online needs a W&B login"), result.stderr
@@ -347,8 +361,15 @@ def test_a_run_directory_in_use_is_not_resumed_by_a_second_process(sudoku_data: 
     first = run(compose(overrides))
     run_dir = Path(first["run_dir"])
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from training.run_lock import RunLock; lock = RunLock.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(60)"],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import time; from training.run_lock import RunLock; "
+            f"lock = RunLock.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataset.atomic import write_failure
 from pretrain import run
 from tests.conftest import compose, tiny_overrides
-from dataset.atomic import write_failure
 from training.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 
 
@@ -33,8 +33,7 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_earlier_ones(sudoku_data:
     assert {p.name: p.read_bytes() for p in list_checkpoints(run_dir)} == before
 
 
-def test_evaluation_into_an_unwritable_place_fails_before_it_starts(sudoku_data: Path, tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluation_into_an_unwritable_place_fails_before_it_starts(sudoku_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from analysis.evaluate import main as evaluate_main
 
     summary = run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="e", max_steps=2)))
@@ -49,8 +48,8 @@ def test_evaluation_into_an_unwritable_place_fails_before_it_starts(sudoku_data:
 
 def test_an_output_path_that_is_a_file_is_one_error(sudoku_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """analysis.export and analysis.study name the file instead of a traceback; the file is untouched."""
-    from analysis.study import main as study_main
     from analysis.export import main as export_main
+    from analysis.study import main as study_main
 
     summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="src")))
     a_file = tmp_path / "a_file"
@@ -108,12 +107,13 @@ def test_a_comparison_that_cannot_be_written_is_one_error_and_leaves_nothing_hal
     assert [p.name for p in out.iterdir()] == ["summary.md"]  # nothing else was left half-written
 
 
-def test_builders_exports_and_pictures_that_cannot_be_written_are_one_error(sudoku_data: Path, tmp_path: Path,
-                                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_builders_exports_and_pictures_that_cannot_be_written_are_one_error(
+    sudoku_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A place that cannot be written (here under /proc) gives one error line, no traceback, nothing left behind."""
+    from analysis.export import main as export_main
     from analysis.visualize_recursion import main as visualize_main
     from dataset.build_sudoku_dataset import main as build_main
-    from analysis.export import main as export_main
 
     summary = run(compose(tiny_overrides(sudoku_data, tmp_path, max_steps=2, eval_interval="null", run_name="w")))
     capsys.readouterr()

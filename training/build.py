@@ -12,16 +12,18 @@ from evaluators.base import Evaluator
 from jd.autogram_engine import check_autogram_fits
 from jd.splits import validate_split
 from jd.step import JDStep, build_jd_step
+from models.ema import EMA
 from models.losses import ACTLossHead
 from models.recursive_reasoning.act import ACTModel
 from models.registry import build_model
+from training.checkpointer import NO_STATE, Checkpointer, ModelWeights, RngStreams
 from training.config import ConfigError, TrainConfig
 from training.data_feed import DataFeed
 from training.distributed import DistInfo, broadcast_module_
-from training.evaluation import build_evaluators
+from training.evaluation import RunEvaluation, build_evaluators
 from training.init_weights import init_weights_from
 from training.optimizers import RunOptimizers
-from training.state import preserved_rng
+from training.state import Progress, preserved_rng
 from training.supervision import SupervisionLoop
 
 
@@ -30,15 +32,26 @@ def jd_step_for(config: TrainConfig, dist_info: DistInfo, data: DataFeed) -> JDS
     meta, arch = data.train.metadata, config.arch
     try:
         validate_split(
-            config.jd, halt_max_steps=arch.halt_max_steps, H_cycles=arch.H_cycles, no_ACT_continue=arch.no_ACT_continue,
-            batch_size=data.micro_batch, seq_len=meta.seq_len, no_act=arch.no_act,
+            config.jd,
+            halt_max_steps=arch.halt_max_steps,
+            H_cycles=arch.H_cycles,
+            no_ACT_continue=arch.no_ACT_continue,
+            batch_size=data.micro_batch,
+            seq_len=meta.seq_len,
+            no_act=arch.no_act,
             puzzle_rows_only=config.freeze_weights and config.jd.frozen_weights == "left_out",
         )
         if config.compile_enabled(dist_info.device.type):
             config.jd.check_compilable()
         step = build_jd_step(config.jd, world_size=dist_info.world_size, halt_max_steps=arch.halt_max_steps)
-        cost = step.prepare(batch_size=data.micro_batch, seq_len=meta.seq_len, H_cycles=arch.H_cycles, halt_max_steps=arch.halt_max_steps,
-                            grad_accum_steps=config.grad_accum_steps, device=dist_info.device)
+        cost = step.prepare(
+            batch_size=data.micro_batch,
+            seq_len=meta.seq_len,
+            H_cycles=arch.H_cycles,
+            halt_max_steps=arch.halt_max_steps,
+            grad_accum_steps=config.grad_accum_steps,
+            device=dist_info.device,
+        )
     except (ValueError, ImportError) as error:  # ImportError: an aggregator's optional solver is missing
         raise ConfigError(str(error)) from None
     if cost and dist_info.is_main:
@@ -51,8 +64,9 @@ def model_for(config: TrainConfig, dist_info: DistInfo, data: DataFeed, init_pat
     file fails everywhere at once), then rank 0's weights on every rank. Returns it and the loading notes."""
     meta = data.train.metadata
     try:
-        model = build_model(config.arch, seq_len=meta.seq_len, vocab_size=meta.vocab_size,
-                            num_puzzle_identifiers=meta.num_puzzle_identifiers, device=dist_info.device)
+        model = build_model(
+            config.arch, seq_len=meta.seq_len, vocab_size=meta.vocab_size, num_puzzle_identifiers=meta.num_puzzle_identifiers, device=dist_info.device
+        )
     except ValueError as error:
         raise ConfigError(str(error)) from None
     notes = init_weights_from(model, init_path, config.model_dump(mode="json")) if init_path is not None else []
@@ -61,8 +75,12 @@ def model_for(config: TrainConfig, dist_info: DistInfo, data: DataFeed, init_pat
 
 
 def loss_head_for(config: TrainConfig, model: ACTModel) -> ACTLossHead:
-    return ACTLossHead(model, config.arch.loss_type, differential_loss=config.jd.differential_loss,
-                       differential_across_samples=config.jd.differential_first_step == "replaced_sample")
+    return ACTLossHead(
+        model,
+        config.arch.loss_type,
+        differential_loss=config.jd.differential_loss,
+        differential_across_samples=config.jd.differential_first_step == "replaced_sample",
+    )
 
 
 def check_autogram(config: TrainConfig, loop: SupervisionLoop, seq_len: int, device: torch.device) -> None:
@@ -89,14 +107,33 @@ def optimizers_for(config: TrainConfig, model: ACTModel, dist_info: DistInfo, jd
     scalarizer = jd_step.scalarizer
     try:
         return RunOptimizers(
-            model, lr=config.lr, puzzle_emb_lr=config.puzzle_emb_lr, betas=(config.beta1, config.beta2),
-            weight_decay=config.weight_decay, puzzle_emb_weight_decay=config.puzzle_emb_weight_decay,
-            world_size=dist_info.world_size, freeze_weights=config.freeze_weights,
+            model,
+            lr=config.lr,
+            puzzle_emb_lr=config.puzzle_emb_lr,
+            betas=(config.beta1, config.beta2),
+            weight_decay=config.weight_decay,
+            puzzle_emb_weight_decay=config.puzzle_emb_weight_decay,
+            world_size=dist_info.world_size,
+            freeze_weights=config.freeze_weights,
             frozen_in_jacobian=config.jd.frozen_weights == "in_jacobian" and not jd_step.split.is_gd,
             extra_params=list(scalarizer.parameters()) if scalarizer is not None else None,
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def evaluation_for(config: TrainConfig, loss_head: ACTLossHead, data: DataFeed, dist_info: DistInfo, ema: EMA | None) -> RunEvaluation:
+    """The run's evaluation on the test split, with the configured evaluators (and the EMA weights when kept)."""
+    return RunEvaluation(
+        loss_head,
+        data.test,
+        evaluators_for(config),
+        dist_info,
+        global_batch_size=config.global_batch_size,
+        max_batches=config.eval_max_batches,
+        progress_bar=config.progress_bar,
+        ema=ema,
+    )
 
 
 def evaluators_for(config: TrainConfig) -> list[Evaluator]:
@@ -106,3 +143,60 @@ def evaluators_for(config: TrainConfig) -> list[Evaluator]:
         raise
     except ValueError as error:
         raise ConfigError(f"evaluators: {error}") from None
+
+
+def supervision_loop_for(config: TrainConfig, loss_head: ACTLossHead, jd_step: JDStep, data: DataFeed, dist_info: DistInfo) -> SupervisionLoop:
+    """The supervision loop of the split, with one carry per micro-batch."""
+    meta, arch = data.train.metadata, config.arch
+    return SupervisionLoop(
+        loss_head,
+        jd_step.split,
+        config.jd,
+        global_batch_size=config.global_batch_size,
+        grad_accum_steps=config.grad_accum_steps,
+        halt_max_steps=arch.halt_max_steps,
+        agree_on_halting=jd_step.exact_global,
+        carry_shape=(data.micro_batch, meta.seq_len, meta.seq_len + loss_head.model.puzzle_emb_len, arch.hidden_size),
+        device=dist_info.device,
+        is_main=dist_info.is_main,
+    )
+
+
+def checkpointer_for(
+    config: TrainConfig,
+    dist_info: DistInfo,
+    model: ACTModel,
+    optimizers: RunOptimizers,
+    ema: EMA | None,
+    progress: Progress,
+    data: DataFeed,
+    jd_step: JDStep,
+    supervision: SupervisionLoop,
+) -> Checkpointer:
+    """The checkpointer, with every component's state registered (restored in this order): a new capability that
+    owns state adds one ``register`` call here."""
+    meta = data.train.metadata
+    checkpointer = Checkpointer(
+        dist_info,
+        keep_last=config.keep_last,
+        interval=config.checkpoint_interval,
+        every_eval=config.checkpoint_every_eval,
+        static={
+            "config": config.model_dump(mode="json"),
+            "data": {"seq_len": meta.seq_len, "vocab_size": meta.vocab_size, "num_puzzle_identifiers": meta.num_puzzle_identifiers},
+        },
+    )
+    checkpointer.register("model", ModelWeights(model), "the model's weights")
+    checkpointer.register("optimizer", optimizers, "the optimizer state", spread=True)
+    checkpointer.register(
+        "ema",
+        ema or NO_STATE,
+        "the EMA weights",  # a run without EMA: start it from the loaded weights
+        on_absent=(lambda: ema.reset(model)) if ema is not None else NO_STATE.load_state_dict,
+    )
+    checkpointer.register("progress", progress, "the progress record")
+    checkpointer.register("sampler", data, "the data position and hard-example counts", on_absent=data.check_position)
+    checkpointer.register("jd", jd_step, "the JD step's state", on_absent=NO_STATE.load_state_dict)
+    checkpointer.register_rank("rng", RngStreams(), "the RNG streams")
+    checkpointer.register_rank("carries", supervision, "the ACT carries")
+    return checkpointer

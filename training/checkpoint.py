@@ -64,8 +64,9 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: 
         with atomic_open(path, "wb") as file:
             torch.save(state, file)
     except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError of its zip writer
-        raise CheckpointError(f"cannot write the checkpoint {path}: {write_failure(path.parent, error)}; "
-                              "the earlier checkpoints are intact") from None
+        raise CheckpointError(
+            f"cannot write the checkpoint {path}: {write_failure(path.parent, error)}; the earlier checkpoints are intact"
+        ) from None
     remove_stale_temp_files(path.parent)  # left by a write that was killed earlier
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
@@ -137,7 +138,8 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Tensor], source: P
         old = state[table_key]
         if old.shape[1:] != own[table_key].shape[1:]:
             raise CheckpointError(
-                f"{source}: checkpoint does not fit this model: puzzle embedding width {tuple(old.shape)} vs the model's {tuple(own[table_key].shape)}"
+                f"{source}: checkpoint does not fit this model: puzzle embedding width {tuple(old.shape)} "
+                f"vs the model's {tuple(own[table_key].shape)}"
             )
         print(f"[checkpoint] puzzle embedding has {old.shape[0]} rows, the dataset needs {own[table_key].shape[0]}: re-initialised from their mean")
         state[table_key] = old.mean(dim=0, keepdim=True).expand_as(own[table_key]).clone()

@@ -13,9 +13,10 @@ progress twice writes once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -162,15 +163,20 @@ class Checkpointer:
             return
         changes = trajectory_changes(saved_config, self.static["config"])
         if changes:
-            print(f"note: resuming {path.name} with settings that differ from its own ({'; '.join(changes[:8])}); training "
-                  "continues with the new ones, so it will not match an uninterrupted run of the old ones", flush=True)
+            print(
+                f"note: resuming {path.name} with settings that differ from its own ({'; '.join(changes[:8])}); training "
+                "continues with the new ones, so it will not match an uninterrupted run of the old ones",
+                flush=True,
+            )
 
     def _restore_ranks(self, ranks: list[Any], path: Path) -> None:
         """This rank's own state (RNG streams, ACT carries), when the checkpoint was written by as many ranks."""
         if len(ranks) != self.dist.world_size:
             if self.dist.is_main:
-                print(f"note: {path.name} was written by {len(ranks)} rank(s), this run has {self.dist.world_size}: RNG streams "
-                      "and ACT carries start fresh")
+                print(
+                    f"note: {path.name} was written by {len(ranks)} rank(s), this run has {self.dist.world_size}: RNG streams "
+                    "and ACT carries start fresh"
+                )
             return
         own = ranks[self.dist.rank]
         for entry in self._rank_entries:
@@ -187,8 +193,10 @@ class Checkpointer:
         latest = self.latest()
         if latest is None:
             return "no checkpoint had been written yet; free space and start again"
-        return (f"the newest checkpoint is {latest} (step {int(latest.stem.removeprefix('step_'))}); the steps after it are not saved. "
-                "Free space and resume with resume=true (they are recomputed identically)")
+        return (
+            f"the newest checkpoint is {latest} (step {int(latest.stem.removeprefix('step_'))}); the steps after it are not saved. "
+            "Free space and resume with resume=true (they are recomputed identically)"
+        )
 
     def last_good_phrase(self) -> str:
         """Where a diverged run's last good state is."""

@@ -125,8 +125,7 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.init_from and self.load_checkpoint:
             raise ValueError(
-                "give init_from (a new run from a checkpoint's weights) or load_checkpoint (continue or restore a full "
-                "training state), not both"
+                "give init_from (a new run from a checkpoint's weights) or load_checkpoint (continue or restore a full training state), not both"
             )
         if self.jd.split == "none" and self.jd.n_groups is not None:
             raise ValueError("jd.n_groups groups JD objectives; it has no meaning with jd.split=none")
@@ -157,9 +156,30 @@ class TrainConfig(BaseModel):
 
 
 TRAJECTORY_NEUTRAL_KEYS = (
-    "project_name", "run_name", "runs_root", "run_dir", "load_checkpoint", "resume", "checkpoint_every_eval",
-    "checkpoint_interval", "keep_last", "max_nonfinite_steps", "device", "compile", "log_interval", "threads", "prefetch_batches", "progress_bar",
-    "wandb", "evaluators", "data_paths_test", "eval_max_batches", "min_eval_interval", "eval_steps", "jd.diagnostics", "objective",
+    "project_name",
+    "run_name",
+    "runs_root",
+    "run_dir",
+    "load_checkpoint",
+    "resume",
+    "checkpoint_every_eval",
+    "checkpoint_interval",
+    "keep_last",
+    "max_nonfinite_steps",
+    "device",
+    "compile",
+    "log_interval",
+    "threads",
+    "prefetch_batches",
+    "progress_bar",
+    "wandb",
+    "evaluators",
+    "data_paths_test",
+    "eval_max_batches",
+    "min_eval_interval",
+    "eval_steps",
+    "jd.diagnostics",
+    "objective",
 )
 """Keys that do not change the training trajectory (where the run writes, what it logs or evaluates)."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from dataset.common import DatasetError
@@ -77,10 +76,13 @@ class DataFeed:
             depth = self.config.prefetch_batches
             if depth is None:
                 depth = 2 if self.dist.device.type == "cuda" else 0
-            self._stream = TrainBatches(self.progress, self.total_iterations, self.train.train_batches, self._end_iteration,
-                                        depth, self.dist.device)
+            self._stream = TrainBatches(self.progress, self.total_iterations, self.train.train_batches, self._end_iteration, depth, self.dist.device)
         batches = [self._stream.next() for _ in range(count)]
         return None if any(batch is None for batch in batches) else batches  # type: ignore[return-value]  # None excluded above
+
+    def on_device(self, batches: list[Batch], rows: slice) -> list[Batch]:
+        """Rows ``rows`` of every field of ``batches``, on the training device."""
+        return [{key: value[rows].to(self.dist.device, non_blocking=True) for key, value in batch.items()} for batch in batches]
 
     def take_wait(self) -> float:
         """Seconds spent waiting for batches since the last call."""
@@ -129,8 +131,3 @@ class DataFeed:
                 f"with these data_paths / global_batch_size / eval_interval ({available} batches per iteration); resume with "
                 "the settings the checkpoint was trained with"
             )
-
-
-def on_device(batch: Batch, rows: slice, device: torch.device) -> Batch:
-    """Rows ``rows`` of every field of ``batch``, on ``device``."""
-    return {key: value[rows].to(device, non_blocking=True) for key, value in batch.items()}

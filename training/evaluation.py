@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +12,11 @@ from torch import Tensor
 
 from dataset.puzzle_dataset import PuzzleDataset
 from evaluators.base import Evaluator
+from models.ema import EMA
 from models.losses import ACTLossHead
 from training.config import EvaluatorConfig
 from training.distributed import DistInfo
+from training.state import preserved_rng
 
 EVAL_SUMS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss")
 
@@ -99,3 +102,48 @@ def evaluate(
     if was_training:
         model.train()
     return results if dist_info.is_main else {}
+
+
+class RunEvaluation:
+    """A training run's evaluation: the test split through every ACT step, with the EMA weights when kept,
+    without moving any RNG stream (so the training trajectory is the same with or without it).
+
+    Args:
+        loss_head: the model's loss head (its model gets the EMA weights for the evaluation).
+        data: the test split.
+        evaluators: what scores the predictions.
+        dist_info: this rank's place (every rank evaluates its share; rank 0 writes).
+        global_batch_size, max_batches, progress_bar: ``global_batch_size``, ``eval_max_batches``, ``progress_bar``.
+        ema: the weights' moving average (``None``: the live weights).
+    """
+
+    def __init__(
+        self,
+        loss_head: ACTLossHead,
+        data: PuzzleDataset,
+        evaluators: list[Evaluator],
+        dist_info: DistInfo,
+        *,
+        global_batch_size: int,
+        max_batches: int | None,
+        progress_bar: bool,
+        ema: EMA | None,
+    ) -> None:
+        self.loss_head, self.data, self.evaluators, self.dist = loss_head, data, evaluators, dist_info
+        self.global_batch_size, self.max_batches, self.progress_bar, self.ema = global_batch_size, max_batches, progress_bar, ema
+
+    def __call__(self, save_dir: Path) -> dict[str, float]:
+        """The evaluation's metrics (outputs saved under ``save_dir`` on rank 0)."""
+        model = self.loss_head.model
+        context = self.ema.swapped_into(model) if self.ema is not None else contextlib.nullcontext()
+        with context, preserved_rng():  # evaluation never moves the training trajectory
+            examples = ExampleProgress(self.data, max_batches=self.max_batches, enabled=self.dist.is_main and self.progress_bar)
+            return evaluate(
+                self.loss_head,
+                examples,
+                self.evaluators,
+                self.dist,
+                global_batch_size=self.global_batch_size,
+                max_batches=self.max_batches,
+                save_dir=save_dir if self.dist.is_main else None,
+            )

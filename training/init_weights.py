@@ -23,8 +23,21 @@ from models.recursive_reasoning.act import ACTModel
 from training.checkpoint import CheckpointError, load_checkpoint, load_model_state, read_state, resolve_checkpoint
 from training.reference_checkpoint import is_reference_state, read_reference_checkpoint
 
-SHAPE_NEUTRAL_ARCH_KEYS = ("H_cycles", "L_cycles", "num_heads", "halt_max_steps", "halt_exploration_prob", "no_ACT_continue",
-                           "pos_encodings", "rope_theta", "rms_norm_eps", "loss_type", "puzzle_emb_len", "forward_dtype", "dropout")
+SHAPE_NEUTRAL_ARCH_KEYS = (
+    "H_cycles",
+    "L_cycles",
+    "num_heads",
+    "halt_max_steps",
+    "halt_exploration_prob",
+    "no_ACT_continue",
+    "pos_encodings",
+    "rope_theta",
+    "rms_norm_eps",
+    "loss_type",
+    "puzzle_emb_len",
+    "forward_dtype",
+    "dropout",
+)
 """Architecture values a checkpoint's weights do not pin down; a difference is reported."""
 
 
@@ -57,8 +70,10 @@ def init_weights_from(model: ACTModel, path: Path, run_config: dict[str, Any]) -
         what = "checkpoint (EMA weights)" if own.get("ema") else "checkpoint"
     bad = [key for key, value in weights.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
     if bad:
-        raise CheckpointError(f"init_from: {path} holds non-finite weights (NaN or Inf in {bad[:4]}{' and more' if len(bad) > 4 else ''}); "
-                              "a run from them could not learn: choose an earlier checkpoint")
+        raise CheckpointError(
+            f"init_from: {path} holds non-finite weights (NaN or Inf in {bad[:4]}{' and more' if len(bad) > 4 else ''}); "
+            "a run from them could not learn: choose an earlier checkpoint"
+        )
     load_model_state(model, weights, path)
     differences = [
         f"arch.{key}: {checkpoint_arch[key]!r} -> {run_config['arch'][key]!r}"
@@ -75,4 +90,3 @@ def _with_ema(weights: dict[str, Tensor], ema: dict[str, Tensor] | None) -> dict
         return weights
     shadow = {key.replace("_orig_mod.", ""): value for key, value in ema.items()}
     return {key: shadow.get(key.replace("_orig_mod.", ""), value) for key, value in weights.items()}
-

@@ -96,4 +96,3 @@ def _say(message: str) -> None:
         os.write(2, message.encode())
     except OSError:
         pass
-

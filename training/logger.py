@@ -56,6 +56,13 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
+    def log_evaluation(self, step: int, results: dict[str, float], *, show: bool) -> None:
+        """Log an evaluation's metrics; ``show`` also prints its accuracies."""
+        self.log(step, results)
+        if show:
+            shown = {k: round(v, 4) for k, v in results.items() if "accuracy" in k or "pass@" in k}
+            print(f"[eval step {step}] {shown}", flush=True)
+
     def close(self) -> None:
         try:
             self._file.close()

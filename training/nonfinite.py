@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from models.sparse_embedding import SparsePuzzleEmbedding
 from training.state import Progress
 
 
@@ -31,14 +32,17 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.world_size = world_size
 
-    def check(self, sums: Tensor, params: Sequence[Tensor], *, jd_skipped: bool, puzzle_row_grads: Sequence[Tensor]) -> tuple[bool, Tensor, Tensor]:
+    def check(
+        self, sums: Tensor, params: Sequence[Tensor], *, jd_skipped: bool, embedding: SparsePuzzleEmbedding | None
+    ) -> tuple[bool, Tensor, Tensor]:
         """Whether the step is finite on every rank; also returns ``sums`` summed over ranks and the global
         gradient norm of ``params`` (one host synchronisation in all)."""
         local_bad = torch.zeros(1, device=sums.device)  # non-finite signs only this rank can see
         if jd_skipped:  # non-finite objectives, Gramian or update
             local_bad += 1
-        for grad in puzzle_row_grads:
-            local_bad += (~torch.isfinite(grad)).any()
+        for _, rows in embedding.pending_rows() if embedding is not None else []:  # the step's puzzle rows
+            if rows.grad is not None:
+                local_bad += (~torch.isfinite(rows.grad)).any()
         grad_norm = _grad_norm([p.grad for p in params if p.grad is not None])
         checks = torch.cat([sums, local_bad])
         if self.world_size > 1:

@@ -116,4 +116,3 @@ class RunOptimizers:
     def weights_finite(self) -> bool:
         """Whether every trained weight is finite after an update."""
         return all_finite(*self.params)
-

@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -110,8 +110,15 @@ class TrainBatches:
     runs after an iteration's last batch was consumed, before the next one is opened.
     """
 
-    def __init__(self, progress: Progress, total_iterations: int, open_iteration: Callable[[int, int], Iterator[Batch]],
-                 end_iteration: Callable[[], None], depth: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        progress: Progress,
+        total_iterations: int,
+        open_iteration: Callable[[int, int], Iterator[Batch]],
+        end_iteration: Callable[[], None],
+        depth: int,
+        device: torch.device,
+    ) -> None:
         if depth < 0:
             raise ValueError(f"the read-ahead depth must be >= 0, got {depth}")
         self._progress = progress

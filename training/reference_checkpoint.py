@@ -32,8 +32,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from dataset.common import read_metadata
 from dataset.atomic import atomic_open, atomic_write_text, write_failure
+from dataset.common import read_metadata
 from training.errors import CheckpointError
 
 REFERENCE_ARCHS: dict[str, str] = {
@@ -45,28 +45,78 @@ REFERENCE_ARCHS: dict[str, str] = {
 EXPORT_ARCHS = {"trm": "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1", "hrm": "recursive_reasoning.hrm@HierarchicalReasoningModel_ACTV1"}
 
 ARCH_FIELDS = (
-    "H_cycles", "L_cycles", "H_layers", "L_layers", "hidden_size", "num_heads", "expansion", "puzzle_emb_ndim",
-    "puzzle_emb_len", "pos_encodings", "rope_theta", "rms_norm_eps", "mlp_t", "halt_max_steps",
-    "halt_exploration_prob", "no_ACT_continue", "forward_dtype", "dropout", "no_act",
+    "H_cycles",
+    "L_cycles",
+    "H_layers",
+    "L_layers",
+    "hidden_size",
+    "num_heads",
+    "expansion",
+    "puzzle_emb_ndim",
+    "puzzle_emb_len",
+    "pos_encodings",
+    "rope_theta",
+    "rms_norm_eps",
+    "mlp_t",
+    "halt_max_steps",
+    "halt_exploration_prob",
+    "no_ACT_continue",
+    "forward_dtype",
+    "dropout",
+    "no_act",
 )
 """``arch.*`` keys with the same name and meaning in both code bases."""
 TOP_FIELDS = (
-    "data_paths", "data_paths_test", "global_batch_size", "epochs", "eval_interval", "lr", "lr_min_ratio",
-    "lr_warmup_steps", "beta1", "beta2", "weight_decay", "puzzle_emb_lr", "puzzle_emb_weight_decay", "ema", "ema_rate", "seed",
+    "data_paths",
+    "data_paths_test",
+    "global_batch_size",
+    "epochs",
+    "eval_interval",
+    "lr",
+    "lr_min_ratio",
+    "lr_warmup_steps",
+    "beta1",
+    "beta2",
+    "weight_decay",
+    "puzzle_emb_lr",
+    "puzzle_emb_weight_decay",
+    "ema",
+    "ema_rate",
+    "seed",
 )
 """Top-level keys with the same name and meaning in both code bases."""
 
 REFERENCE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "trm": {"H_cycles": 3, "L_cycles": 6, "num_heads": 8, "expansion": 4.0, "puzzle_emb_len": 16, "halt_max_steps": 16,
-            "halt_exploration_prob": 0.1, "no_ACT_continue": True, "pos_encodings": "rope"},
-    "hrm": {"H_cycles": 2, "L_cycles": 2, "num_heads": 8, "expansion": 4.0, "halt_max_steps": 16, "halt_exploration_prob": 0.1,
-            "pos_encodings": "rope"},
+    "trm": {
+        "H_cycles": 3,
+        "L_cycles": 6,
+        "num_heads": 8,
+        "expansion": 4.0,
+        "puzzle_emb_len": 16,
+        "halt_max_steps": 16,
+        "halt_exploration_prob": 0.1,
+        "no_ACT_continue": True,
+        "pos_encodings": "rope",
+    },
+    "hrm": {
+        "H_cycles": 2,
+        "L_cycles": 2,
+        "num_heads": 8,
+        "expansion": 4.0,
+        "halt_max_steps": 16,
+        "halt_exploration_prob": 0.1,
+        "pos_encodings": "rope",
+    },
 }
 """The reference's ``config/arch/{trm,hrm}.yaml`` values for what neither ``all_config.yaml`` nor the weights tell."""
 TOP_DEFAULTS: dict[str, Any] = {"global_batch_size": 768, "epochs": 100000, "lr": 1e-4, "lr_warmup_steps": 2000}
 """The reference's ``cfg_pretrain.yaml`` values, used when ``all_config.yaml`` is absent."""
 
-_OWN_NAMES = {"embed_tokens.embedding_weight": "embed_tokens.weight", "embed_pos.embedding_weight": "embed_pos.weight", "puzzle_emb.weights": "puzzle_embedding.weights"}
+_OWN_NAMES = {
+    "embed_tokens.embedding_weight": "embed_tokens.weight",
+    "embed_pos.embedding_weight": "embed_pos.weight",
+    "puzzle_emb.weights": "puzzle_embedding.weights",
+}
 _CORE_PREFIXES = ("lm_head.", "q_head.", "L_level.", "H_level.")
 _IGNORED = ("puzzle_emb.local_weights", "puzzle_emb.local_ids", "output_logits_init")
 """Reference tensors with no counterpart: the sparse embedding's per-batch scratch buffers and the JD
@@ -210,6 +260,23 @@ def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
+class _Sourced:
+    """The config being assembled (``arch`` and top-level keys) and where each value came from."""
+
+    def __init__(self) -> None:
+        self.arch: dict[str, Any] = {}
+        self.top: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+
+    def put_arch(self, key: str, value: Any, source: str) -> None:
+        self.arch[key] = value
+        self.sources["arch." + key] = source
+
+    def put_top(self, key: str, value: Any, source: str) -> None:
+        self.top[key] = value
+        self.sources[key] = source
+
+
 def reference_train_config(
     path: Path, weights: dict[str, Tensor], overrides: dict[str, Any] | None = None, data_paths: list[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, str], list[str]]:
@@ -219,79 +286,86 @@ def reference_train_config(
     ``all_config.yaml`` beside the checkpoint > what the weights determine (``weights``, already mapped)
     > the reference's defaults. ``data_paths`` (when given) replaces the config's data.
     """
-    overrides = dict(overrides or {})
     reference = _read_all_config(path)
     notes: list[str] = []
-    sources: dict[str, str] = {}
-    arch: dict[str, Any] = {}
-    top: dict[str, Any] = {}
-
-    def put(section: dict[str, Any], key: str, value: Any, source: str, prefix: str) -> None:
-        section[key] = value
-        sources[prefix + key] = source
-
-    inferred = _from_weights(weights)
+    built = _Sourced()
     if reference is not None:
-        ref_arch = reference["arch"]
-        name = str(ref_arch.get("name", ""))
-        if name not in REFERENCE_ARCHS:
-            raise CheckpointError(
-                f"{path.parent / 'all_config.yaml'}: arch.name={name!r} has no counterpart here; accepted: {sorted(REFERENCE_ARCHS)}"
-            )
-        put(arch, "name", REFERENCE_ARCHS[name], "all_config.yaml", "arch.")
-        loss = ref_arch.get("loss") or {}
-        if "loss_type" in loss:
-            put(arch, "loss_type", loss["loss_type"], "all_config.yaml", "arch.")
-        for key in ARCH_FIELDS:
-            if key in ref_arch:
-                put(arch, key, ref_arch[key], "all_config.yaml", "arch.")
-        unknown = sorted(set(ref_arch) - set(ARCH_FIELDS) - {"name", "loss"})
-        if unknown:
-            notes.append(f"all_config.yaml arch keys with no counterpart here, ignored: {', '.join(f'{k}={ref_arch[k]!r}' for k in unknown)}")
-        for key in TOP_FIELDS:
-            if reference.get(key) is not None:
-                put(top, key, reference[key], "all_config.yaml", "")
-        evaluators = [e.get("name", "") for e in reference.get("evaluators") or [] if isinstance(e, dict)]
-        if any(name.split("@")[0] == "arc" for name in evaluators):
-            top["wants_arc"] = True
-    for key, value in inferred.items():
-        if key not in arch:
-            put(arch, key, value, "weights", "arch.")
-    for key, value in REFERENCE_DEFAULTS[arch["name"]].items():
-        if key not in arch:
-            put(arch, key, value, "reference default", "arch.")
+        _take_all_config(built, reference, path, notes)
+    for key, value in _from_weights(weights).items():
+        if key not in built.arch:
+            built.put_arch(key, value, "weights")
+    for key, value in REFERENCE_DEFAULTS[built.arch["name"]].items():
+        if key not in built.arch:
+            built.put_arch(key, value, "reference default")
+    _adapt_arch(built)
+    _take_data(built, path, data_paths)
+    config: dict[str, Any] = {**built.top, "arch": built.arch}
+    for key, value in (overrides or {}).items():
+        _set_dotted(config, key, value)
+        built.sources[key] = "--set"
+    if reference is None:
+        notes.append(
+            f"{path.parent / 'all_config.yaml'} is missing: the architecture comes from the weights and the reference's defaults "
+            "(check H_cycles, L_cycles, num_heads, halt_max_steps and puzzle_emb_len below: with RoPE attention no weight shape "
+            "tells them, and a wrong one scores near 0; correct them with --set arch.KEY=VALUE)"
+        )
+    return config, built.sources, notes
+
+
+def _take_all_config(built: _Sourced, reference: dict[str, Any], path: Path, notes: list[str]) -> None:
+    """The architecture and top-level settings ``all_config.yaml`` names (unknown arch keys noted)."""
+    ref_arch = reference["arch"]
+    name = str(ref_arch.get("name", ""))
+    if name not in REFERENCE_ARCHS:
+        raise CheckpointError(f"{path.parent / 'all_config.yaml'}: arch.name={name!r} has no counterpart here; accepted: {sorted(REFERENCE_ARCHS)}")
+    built.put_arch("name", REFERENCE_ARCHS[name], "all_config.yaml")
+    loss = ref_arch.get("loss") or {}
+    if "loss_type" in loss:
+        built.put_arch("loss_type", loss["loss_type"], "all_config.yaml")
+    for key in ARCH_FIELDS:
+        if key in ref_arch:
+            built.put_arch(key, ref_arch[key], "all_config.yaml")
+    unknown = sorted(set(ref_arch) - set(ARCH_FIELDS) - {"name", "loss"})
+    if unknown:
+        notes.append(f"all_config.yaml arch keys with no counterpart here, ignored: {', '.join(f'{k}={ref_arch[k]!r}' for k in unknown)}")
+    for key in TOP_FIELDS:
+        if reference.get(key) is not None:
+            built.put_top(key, reference[key], "all_config.yaml")
+    evaluators = [e.get("name", "") for e in reference.get("evaluators") or [] if isinstance(e, dict)]
+    if any(name.split("@")[0] == "arc" for name in evaluators):
+        built.top["wants_arc"] = True
+
+
+def _adapt_arch(built: _Sourced) -> None:
+    """Where the reference's settings mean something else here: HRM's fixed prefix and Q-continue, mlp_t without
+    RoPE, bfloat16 on CPU."""
+    arch, sources = built.arch, built.sources
     if arch["name"] == "hrm":
         # The reference HRM always trains its Q-continue head and sizes the puzzle prefix by ceil(ndim / hidden).
         arch.setdefault("no_ACT_continue", False)
         sources.setdefault("arch.no_ACT_continue", "reference HRM (always Q-continue)")
-        put(arch, "puzzle_emb_len", 0, "reference HRM (ceil(puzzle_emb_ndim / hidden_size))", "arch.")
+        built.put_arch("puzzle_emb_len", 0, "reference HRM (ceil(puzzle_emb_ndim / hidden_size))")
     if arch.get("mlp_t") and arch.get("pos_encodings") == "rope":
-        put(arch, "pos_encodings", "none", f"{sources['arch.pos_encodings']} (rope -> none: the reference's mlp_t blocks never apply RoPE)", "arch.")
+        built.put_arch("pos_encodings", "none", f"{sources['arch.pos_encodings']} (rope -> none: the reference's mlp_t blocks never apply RoPE)")
     if arch.get("forward_dtype") == "bfloat16":
-        put(arch, "forward_dtype", "auto", f"{sources['arch.forward_dtype']} (bfloat16 -> auto: bfloat16 on CUDA, float32 on CPU)", "arch.")
+        built.put_arch("forward_dtype", "auto", f"{sources['arch.forward_dtype']} (bfloat16 -> auto: bfloat16 on CUDA, float32 on CPU)")
+
+
+def _take_data(built: _Sourced, path: Path, data_paths: list[str] | None) -> None:
+    """The reference's top-level defaults, the data (``--data`` wins) and the evaluators the data allows."""
+    top = built.top
     for key, value in TOP_DEFAULTS.items():
         if key not in top:
-            put(top, key, value, "reference default", "")
+            built.put_top(key, value, "reference default")
     if data_paths:
-        put(top, "data_paths", list(data_paths), "--data", "")
+        built.put_top("data_paths", list(data_paths), "--data")
         top.pop("data_paths_test", None)
     elif "data_paths" not in top:
         raise CheckpointError(f"{path}: no all_config.yaml beside it names the data; give the dataset folder (--data PATH)")
     if top.pop("wants_arc", False):  # the reference's default config names the ARC evaluator even for Sudoku runs
         eval_data = (top.get("data_paths_test") or top["data_paths"])[0]
         is_arc = Path(eval_data).is_dir() and read_metadata(eval_data).kind == "arc"
-        put(top, "evaluators", [{"name": "exact"}, *([{"name": "arc"}] if is_arc else [])], "all_config.yaml (arc@ARC on ARC data only)", "")
-
-    config: dict[str, Any] = {**top, "arch": arch}
-    for key, value in overrides.items():
-        _set_dotted(config, key, value)
-        sources[key] = "--set"
-    if reference is None:
-        notes.append(
-            f"{path.parent / 'all_config.yaml'} is missing: the architecture comes from the weights and the reference's defaults "
-            "(check H_cycles, L_cycles, num_heads, halt_max_steps and puzzle_emb_len below: with RoPE attention no weight shape tells them, and a wrong one scores near 0; correct them with --set arch.KEY=VALUE)"
-        )
-    return config, sources, notes
+        built.put_top("evaluators", [{"name": "exact"}, *([{"name": "arc"}] if is_arc else [])], "all_config.yaml (arc@ARC on ARC data only)")
 
 
 def read_reference_checkpoint(
@@ -336,17 +410,30 @@ def reference_all_config(config: dict[str, Any]) -> dict[str, Any]:
         **{key: arch[key] for key in ARCH_FIELDS if key in arch and key not in ("dropout", "puzzle_emb_len", "no_ACT_continue", "no_act")},
     }
     if arch.get("no_act"):  # the JD fork's trmjd: no Q-head, its NoACT loss head
-        ref_arch.update(name="recursive_reasoning.trmjd@TinyRecursiveReasoningModelJD_V1", no_act=True,
-                        loss={"name": "losses@NoACTLossHead", "loss_type": arch["loss_type"], "differential_loss": False})
+        ref_arch.update(
+            name="recursive_reasoning.trmjd@TinyRecursiveReasoningModelJD_V1",
+            no_act=True,
+            loss={"name": "losses@NoACTLossHead", "loss_type": arch["loss_type"], "differential_loss": False},
+        )
     ref_arch["forward_dtype"] = "bfloat16" if arch["forward_dtype"] == "auto" else arch["forward_dtype"]
     if arch["name"] == "trm":
         ref_arch["puzzle_emb_len"] = puzzle_emb_len
         ref_arch["no_ACT_continue"] = arch["no_ACT_continue"]
     evaluators = [{"name": "arc@ARC"} for e in config.get("evaluators", []) if e.get("name") == "arc"]
     top = {key: config[key] for key in TOP_FIELDS if key in config}
-    return {**top, "arch": ref_arch, "evaluators": evaluators, "eval_save_outputs": [], "freeze_weights": False,
-            "checkpoint_every_eval": True, "min_eval_interval": 0, "load_checkpoint": None, "project_name": None,
-            "run_name": None, "checkpoint_path": None}
+    return {
+        **top,
+        "arch": ref_arch,
+        "evaluators": evaluators,
+        "eval_save_outputs": [],
+        "freeze_weights": False,
+        "checkpoint_every_eval": True,
+        "min_eval_interval": 0,
+        "load_checkpoint": None,
+        "project_name": None,
+        "run_name": None,
+        "checkpoint_path": None,
+    }
 
 
 def write_reference_checkpoint(state: dict[str, Tensor], config: dict[str, Any], out_dir: Path, step: int, compiled: bool = True) -> Path:

@@ -23,6 +23,7 @@ and *what* it restores; it has no side effects, so a bad choice fails before any
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -31,11 +32,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dataset.atomic import atomic_write_text, remove_stale_temp_files
+from dataset.atomic import atomic_write_text, remove_stale_temp_files, write_failure
 from training.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint, run_dir_of
 from training.config import ConfigError, TrainConfig
 from training.distributed import DistInfo, ElasticInfo, decide_on_main
 from training.run_lock import LOCK_FILE, RunInUseError, RunLock
+from training.state import Progress
 
 
 class RunDirError(ValueError):
@@ -113,8 +115,7 @@ def _refuse_existing(run_dir: Path | None) -> None:
         return
     if run_dir is not None and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise RunDirError(
-            f"run directory {run_dir} already exists; pick another run_name, or continue it with "
-            f"load_checkpoint={run_dir} (or resume=true)"
+            f"run directory {run_dir} already exists; pick another run_name, or continue it with load_checkpoint={run_dir} (or resume=true)"
         )
 
 
@@ -166,8 +167,7 @@ def claim_run(config: TrainConfig, dist_info: DistInfo, elastic: ElasticInfo) ->
     if dist_info.is_main and plan.continues_run and plan.run_dir is not None and plan.run_dir.is_dir():
         lock = lock_run_dir(plan.run_dir)
         if lock.previous:
-            print(f"note: taking the run directory over from the process that last trained in it ({lock.previous}; no longer running)",
-                  flush=True)
+            print(f"note: taking the run directory over from the process that last trained in it ({lock.previous}; no longer running)", flush=True)
     return plan, lock
 
 
@@ -190,9 +190,7 @@ def _claim(run_dir: Path) -> None:
     try:
         os.close(os.open(run_dir / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
-        raise RunDirError(
-            f"run directory {run_dir} was just claimed by another run starting with the same name; pick another run_name"
-        ) from None
+        raise RunDirError(f"run directory {run_dir} was just claimed by another run starting with the same name; pick another run_name") from None
 
 
 def prepare_run_dir(
@@ -232,8 +230,10 @@ def prepare_run_dir(
             raise RunDirError(f"cannot create the run directory {run_dir} ({error.strerror}); check runs_root / run_dir") from None
         for folder in (run_dir, run_dir / "checkpoints"):
             if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-                raise RunDirError(f"the run directory {folder} is not writable; this run must write its checkpoints "
-                                  "and metrics there (fix its permissions, or start a new run from it with run_name=NEW)")
+                raise RunDirError(
+                    f"the run directory {folder} is not writable; this run must write its checkpoints "
+                    "and metrics there (fix its permissions, or start a new run from it with run_name=NEW)"
+                )
             remove_stale_temp_files(folder)
         config_file = run_dir / "config.yaml"
         recorded = config.model_dump(mode="json") | ({"numerics": numerics} if numerics else {})
@@ -246,3 +246,35 @@ def prepare_run_dir(
 
     run_dir = Path(decide_on_main(dist_info, create))
     return run_dir, run_dir.name, default_project_name(config), (locks[0] if locks else None)
+
+
+def run_summary(
+    status: str, progress: Progress, run_dir: Path, last_eval: dict[str, float], checkpoint: Path | None, numerics: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``summary.json`` records of a run that ended (and ``Trainer.fit`` returns)."""
+    return {
+        "status": status,
+        "final_step": progress.step,
+        "run_dir": str(run_dir),
+        "eval": last_eval,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "skipped_nonfinite": progress.skipped_nonfinite,
+        "numerics": numerics,
+    }
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary.json``; a failure is one note (the disk that failed the run fails this too: the first error stays)."""
+    try:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    except OSError as error:
+        print(f"note: summary.json not written ({write_failure(run_dir, error)})", flush=True)
+
+
+def logged_evaluation(run_dir: Path) -> dict[str, float]:
+    """The final evaluation ``summary.json`` records (empty when there is none or it is unreadable)."""
+    try:
+        previous = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return dict(previous.get("eval") or {}) if isinstance(previous, dict) else {}

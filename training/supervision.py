@@ -48,9 +48,20 @@ class SupervisionLoop:
         is_main: this rank prints the notes.
     """
 
-    def __init__(self, loss_head: ACTLossHead, split: SplitSpec, jd: JDConfig, *, global_batch_size: int, grad_accum_steps: int,
-                 halt_max_steps: int, agree_on_halting: bool, carry_shape: tuple[int, int, int, int], device: torch.device,
-                 is_main: bool = True) -> None:
+    def __init__(
+        self,
+        loss_head: ACTLossHead,
+        split: SplitSpec,
+        jd: JDConfig,
+        *,
+        global_batch_size: int,
+        grad_accum_steps: int,
+        halt_max_steps: int,
+        agree_on_halting: bool,
+        carry_shape: tuple[int, int, int, int],
+        device: torch.device,
+        is_main: bool = True,
+    ) -> None:
         self.loss_head, self.split, self.jd = loss_head, split, jd
         self.global_batch_size = global_batch_size
         self.supervision_steps = split.supervision_steps(halt_max_steps)  # at most, in the same_batch loop
@@ -64,14 +75,18 @@ class SupervisionLoop:
         """One ACT step of the loss head with the split's needs and the ``carried_samples`` carry noise."""
         split, jd = self.split, self.jd
         carry, terms, metrics, outputs, _ = self.loss_head(
-            carry, batch, global_batch_size=global_batch_size, keep_cycle_logits=split.needs_cycle_logits,
+            carry,
+            batch,
+            global_batch_size=global_batch_size,
+            keep_cycle_logits=split.needs_cycle_logits,
             differential_cycles=split.needs_differential_cycles,
             carry_noise=jd.carry_perturbation_rate if jd.carry_perturbation == "carried_samples" else 0.0,
         )
         return carry, terms, metrics, outputs
 
-    def run(self, carry: ACTCarry | None, batches: Sequence[Batch], *, global_batch_size: int | None = None,
-            on_step: StepObserver | None = None) -> tuple[ACTCarry, list[LossTerms]]:
+    def run(
+        self, carry: ACTCarry | None, batches: Sequence[Batch], *, global_batch_size: int | None = None, on_step: StepObserver | None = None
+    ) -> tuple[ACTCarry, list[LossTerms]]:
         """THE supervision loop: each of ``batches`` feeds one step from ``carry`` (``None``: a fresh one); in
         the ``same_batch`` loop the batch runs until every sample halted. Returns the carry and each step's terms."""
         schedule = list(batches) * self.supervision_steps if self.split.same_batch_loop else list(batches)
@@ -140,8 +155,11 @@ class SupervisionLoop:
             dtype = self.loss_head.model.forward_dtype
             self.carries = [None if c is None else carry_from_dict(c, self.device, latent_dtype=dtype) for c in saved]
         elif self.is_main:
-            print("note: the ACT carries of the checkpoint do not fit this batch layout (global_batch_size / grad_accum_steps "
-                  "changed?): they start fresh", flush=True)
+            print(
+                "note: the ACT carries of the checkpoint do not fit this batch layout (global_batch_size / grad_accum_steps "
+                "changed?): they start fresh",
+                flush=True,
+            )
 
     def _fits(self, saved: dict[str, Any]) -> bool:
         micro_batch, seq_len, latent_len, hidden = self.carry_shape

@@ -17,8 +17,15 @@ import os
 import torch
 
 
-def choose_threads(requested: int | None, device: torch.device, *, default: int | None = None, cores: int | None = None,
-                   load: float | None = None, local_ranks: int | None = None) -> tuple[int, str | None]:
+def choose_threads(
+    requested: int | None,
+    device: torch.device,
+    *,
+    default: int | None = None,
+    cores: int | None = None,
+    load: float | None = None,
+    local_ranks: int | None = None,
+) -> tuple[int, str | None]:
     """The thread count for this process, and a suggestion when the machine is busy.
 
     ``requested`` (the ``threads`` config value) wins. On CUDA torch's default stays. On CPU: torch's
@@ -47,7 +54,9 @@ def choose_threads(requested: int | None, device: torch.device, *, default: int 
     free = max(1, math.floor((cores - load) / local_ranks + 0.5))
     if free >= threads:
         return threads, None
-    return threads, (f"note: the machine is busy (load {load:.1f} on {cores} cores{f' shared by {local_ranks} ranks' if local_ranks > 1 else ''}): "
-                     f"this run uses {threads} CPU thread(s) per process, as on a quiet machine, so that its numbers do not "
-                     f"depend on the load; threads={free} would run faster now (a busy core stalls every thread's step) but "
-                     "computes other numbers")
+    return threads, (
+        f"note: the machine is busy (load {load:.1f} on {cores} cores{f' shared by {local_ranks} ranks' if local_ranks > 1 else ''}): "
+        f"this run uses {threads} CPU thread(s) per process, as on a quiet machine, so that its numbers do not "
+        f"depend on the load; threads={free} would run faster now (a busy core stalls every thread's step) but "
+        "computes other numbers"
+    )

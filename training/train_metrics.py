@@ -7,7 +7,7 @@ step and are left out of the record when none did.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,6 +18,15 @@ from training.data_feed import DataFeed
 
 SUM_METRICS = ("count", "sample_steps", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss", "q_continue_loss")
 """The per-supervision-step sums behind the ``train/*`` metrics (``count``: samples that halted)."""
+
+
+class Accumulated(NamedTuple):
+    """An optimizer step's backward: the summed metrics (this rank), the ``jd/*`` metrics, and whether the JD
+    step skipped a micro-batch as non-finite."""
+
+    sums: Tensor
+    jd_metrics: dict[str, float]
+    jd_skipped: bool
 
 
 class StepRecorder:
@@ -50,8 +59,7 @@ class StepRecorder:
             self.data.record(batch, carry.data["puzzle_identifiers"], carry.halted, exact, in_stack=True, after_stack=True)
 
 
-def train_metrics(sums: Tensor, *, lr: float, grad_norm: float, skipped_nonfinite: int, step_time_s: float,
-                  extra: dict[str, Any]) -> dict[str, float]:
+def train_metrics(sums: Tensor, lr: float, grad_norm: float, skipped_nonfinite: int, step_time_s: float, extra: dict[str, Any]) -> dict[str, float]:
     """The ``train/*`` record of a step from its :data:`SUM_METRICS` (summed over ranks) and the step's figures.
 
     Example:

@@ -18,8 +18,7 @@ def find_wandb_credentials(environ: Mapping[str, str] | None = None) -> str | No
         return "WANDB_API_KEY"
     if environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return "WANDB_IDENTITY_TOKEN_FILE"
-    netrc_path = Path(environ["NETRC"]) if environ.get("NETRC") else \
-        Path(environ.get("HOME", str(Path.home()))) / ".netrc"
+    netrc_path = Path(environ["NETRC"]) if environ.get("NETRC") else Path(environ.get("HOME", str(Path.home()))) / ".netrc"
     host = urlparse(environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)).hostname or ""
     if netrc_path.is_file():
         try:

@@ -72,11 +72,7 @@ class RecursiveCore(nn.Module):
                 assert self.q_head.bias is not None
                 self.q_head.bias.fill_(-5.0)
         full_len = seq_len + self.puzzle_emb_len
-        self.rotary = (
-            RotaryEmbedding(config.hidden_size // config.num_heads, full_len, config.rope_theta)
-            if config.pos_encodings == "rope"
-            else None
-        )
+        self.rotary = RotaryEmbedding(config.hidden_size // config.num_heads, full_len, config.rope_theta) if config.pos_encodings == "rope" else None
 
     def rope(self) -> tuple[Tensor, Tensor] | None:
         return None if self.rotary is None else self.rotary()
@@ -120,9 +116,7 @@ class ACTModel(nn.Module):
         self.puzzle_emb_len = config.effective_puzzle_emb_len
         self.embed_tokens = CastedEmbedding(vocab_size, hidden, init_std=embed_init_std, cast_to=self.forward_dtype)
         self.puzzle_embedding = (
-            SparsePuzzleEmbedding(num_puzzle_identifiers, config.puzzle_emb_ndim, cast_to=self.forward_dtype)
-            if config.puzzle_emb_ndim > 0
-            else None
+            SparsePuzzleEmbedding(num_puzzle_identifiers, config.puzzle_emb_ndim, cast_to=self.forward_dtype) if config.puzzle_emb_ndim > 0 else None
         )
         self.embed_pos = (
             CastedEmbedding(seq_len + self.puzzle_emb_len, hidden, init_std=embed_init_std, cast_to=self.forward_dtype)
@@ -180,6 +174,29 @@ class ACTModel(nn.Module):
         Outputs: ``logits`` ``[B, S, V]``, ``q_halt_logits`` / ``q_continue_logits`` ``[B]``,
         ``target_q_continue`` ``[B]`` (training with Q-continue only), ``cycle_logits`` (when asked).
         """
+        latent, steps, data, prev_logits = self._carried_in(carry, batch, carry_noise)
+        inputs = self.input_embeddings(data["inputs"], data["puzzle_identifiers"])
+        out = self.core(latent, inputs, keep_cycle_logits)
+        outputs: dict[str, Tensor | list[Tensor]] = {
+            "logits": out.logits,
+            "q_halt_logits": out.q_halt_logits,
+            "q_continue_logits": out.q_continue_logits,
+        }
+        if out.cycle_logits is not None:
+            outputs["cycle_logits"] = out.cycle_logits
+        if prev_logits is not None:
+            outputs["prev_logits"] = prev_logits
+        with torch.no_grad():
+            steps = steps + 1
+            new_halted = self._halted_after(out, steps, inputs, outputs)
+        new_prev = out.logits.detach() if carry.prev_logits is not None else None
+        return ACTCarry(out.latent, steps, new_halted, data, new_prev, carry.prev_logits_across_samples), outputs
+
+    def _carried_in(
+        self, carry: ACTCarry, batch: dict[str, Tensor], carry_noise: float
+    ) -> tuple[LatentState, Tensor, dict[str, Tensor], Tensor | None]:
+        """The step's start: halted samples replaced by the batch's (fresh latents, zero steps), carried
+        ones kept (with ``carry_noise`` on their latents when training)."""
         halted = carry.halted
         latent = self._reset_latent(halted, carry.latent)
         if carry_noise > 0 and self.training:
@@ -193,42 +210,29 @@ class ACTModel(nn.Module):
         prev_logits = carry.prev_logits
         if prev_logits is not None and not carry.prev_logits_across_samples:
             prev_logits = torch.where(halted.view(-1, 1, 1), torch.zeros_like(prev_logits), prev_logits)
+        return latent, steps, data, prev_logits
 
-        inputs = self.input_embeddings(data["inputs"], data["puzzle_identifiers"])
-        out = self.core(latent, inputs, keep_cycle_logits)
-        outputs: dict[str, Tensor | list[Tensor]] = {
-            "logits": out.logits,
-            "q_halt_logits": out.q_halt_logits,
-            "q_continue_logits": out.q_continue_logits,
-        }
-        if out.cycle_logits is not None:
-            outputs["cycle_logits"] = out.cycle_logits
-        if prev_logits is not None:
-            outputs["prev_logits"] = prev_logits
-
-        with torch.no_grad():
-            steps = steps + 1
-            is_last_step = steps >= self.config.halt_max_steps
-            new_halted = is_last_step
-            if self.training and self.config.halt_max_steps > 1 and not self.config.no_act:
-                if self.config.no_ACT_continue:
-                    new_halted = new_halted | (out.q_halt_logits > 0)
-                else:
-                    new_halted = new_halted | (out.q_halt_logits > out.q_continue_logits)
-                # Exploration: with some probability a sample must run at least a random number of steps.
-                explore = torch.rand_like(out.q_halt_logits) < self.config.halt_exploration_prob
-                min_steps = explore * torch.randint_like(steps, low=2, high=self.config.halt_max_steps + 1)
-                new_halted = new_halted & (steps >= min_steps)
-                if not self.config.no_ACT_continue:
-                    # Bootstrapped target for Q-continue: the value of the next step from the new state.
-                    following = self.core(out.latent, inputs.detach())
-                    next_value = torch.where(
-                        is_last_step, following.q_halt_logits, torch.maximum(following.q_halt_logits, following.q_continue_logits)
-                    )
-                    outputs["target_q_continue"] = torch.sigmoid(next_value)
-
-        new_prev = out.logits.detach() if carry.prev_logits is not None else None
-        return ACTCarry(out.latent, steps, new_halted, data, new_prev, carry.prev_logits_across_samples), outputs
+    def _halted_after(self, out: CoreOutput, steps: Tensor, inputs: Tensor, outputs: dict[str, Tensor | list[Tensor]]) -> Tensor:
+        """Which samples halt after this step: at the step budget, or (training with ACT) when the Q-head says
+        so after an exploration minimum; adds Q-continue's bootstrapped target to ``outputs``."""
+        is_last_step = steps >= self.config.halt_max_steps
+        new_halted = is_last_step
+        if not (self.training and self.config.halt_max_steps > 1 and not self.config.no_act):
+            return new_halted
+        if self.config.no_ACT_continue:
+            new_halted = new_halted | (out.q_halt_logits > 0)
+        else:
+            new_halted = new_halted | (out.q_halt_logits > out.q_continue_logits)
+        # Exploration: with some probability a sample must run at least a random number of steps.
+        explore = torch.rand_like(out.q_halt_logits) < self.config.halt_exploration_prob
+        min_steps = explore * torch.randint_like(steps, low=2, high=self.config.halt_max_steps + 1)
+        new_halted = new_halted & (steps >= min_steps)
+        if not self.config.no_ACT_continue:
+            # Bootstrapped target for Q-continue: the value of the next step from the new state.
+            following = self.core(out.latent, inputs.detach())
+            next_value = torch.where(is_last_step, following.q_halt_logits, torch.maximum(following.q_halt_logits, following.q_continue_logits))
+            outputs["target_q_continue"] = torch.sigmoid(next_value)
+        return new_halted
 
     def enable_differential_loss(self, carry: ACTCarry, across_samples: bool = False) -> ACTCarry:
         """Make the carry keep the previous step's logits (for ``jd.differential_loss``). A new sample's

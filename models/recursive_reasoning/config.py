@@ -32,8 +32,7 @@ class ArchConfig(BaseModel):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     dropout_placement: Literal["sublayers", "block_output"] = Field(
         default="sublayers",
-        description="sublayers: on each attention/MLP output before its residual; block_output: once on each block's output "
-        "(the JD study's trmjd)",
+        description="sublayers: on each attention/MLP output before its residual; block_output: once on each block's output (the JD study's trmjd)",
     )
 
     puzzle_emb_ndim: int = Field(default=512, ge=0, description="0 disables the puzzle embedding")

@@ -26,9 +26,15 @@ class HRMCore(RecursiveCore):
             return ReasoningModule(
                 [
                     Block(
-                    config.hidden_size, config.num_heads, config.expansion, full_len, config.mlp_t, config.dropout, config.rms_norm_eps,
-                    block_output_dropout=config.dropout_placement == "block_output",
-                )
+                        config.hidden_size,
+                        config.num_heads,
+                        config.expansion,
+                        full_len,
+                        config.mlp_t,
+                        config.dropout,
+                        config.rms_norm_eps,
+                        block_output_dropout=config.dropout_placement == "block_output",
+                    )
                     for _ in range(layers)
                 ]
             )

@@ -25,7 +25,13 @@ class TRMCore(RecursiveCore):
         self.L_level = ReasoningModule(
             [
                 Block(
-                    config.hidden_size, config.num_heads, config.expansion, full_len, config.mlp_t, config.dropout, config.rms_norm_eps,
+                    config.hidden_size,
+                    config.num_heads,
+                    config.expansion,
+                    full_len,
+                    config.mlp_t,
+                    config.dropout,
+                    config.rms_norm_eps,
                     block_output_dropout=config.dropout_placement == "block_output",
                 )
                 for _ in range(config.L_layers)
