@@ -152,7 +152,8 @@ def compose_config(overrides: list[str]) -> TrainConfig:
             raw = compose(config_name=CONFIG_NAME, overrides=overrides)
         return parse_config(raw)
     except (HydraException, OmegaConfBaseException) as error:
-        where = f" {error.override!r}" if isinstance(getattr(error, "override", None), str) else ""
+        override = getattr(error, "override", None)  # set by Hydra's override parser only
+        where = f" {override!r}" if isinstance(override, str) else ""
         raise ConfigError(f"bad override{where}: {one_line(error)}") from None
 
 

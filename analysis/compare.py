@@ -37,7 +37,7 @@ from analysis.plot_gd_similarity import (
     positive_int_arg,
     save_figure,
 )
-from analysis.report import Image, Paragraph, Table, figure_png, render_html
+from analysis.report import Image, Paragraph, Section, Table, figure_png, render_html
 from analysis.runs import DEFAULT_GROUP_BY, FINISHED, AnalysisError, Run, group_name, group_runs, label_sort_key
 from analysis.sources import load_runs
 from analysis.stats import CONFIDENCE, Difference, difference, mean_interval
@@ -127,7 +127,7 @@ def cell_of(values: Sequence[float]) -> Cell | None:
         return None
     array = np.asarray(values, dtype=np.float64)
     std = float(np.std(array, ddof=1)) if array.size > 1 else None
-    interval = mean_interval(array)
+    interval = mean_interval(array.tolist())
     return Cell(mean=interval.mean, std=std, n=int(array.size), low=interval.low, high=interval.high)
 
 
@@ -452,7 +452,7 @@ def compare(
             header, rows = table_rows(summaries, group_by, statistics)
             diff_header, diff_rows = difference_rows(comparisons, group_by)
             run_header, run_rows = _run_rows(runs, group_by)
-            sections = [
+            sections: list[Section] = [
                 Paragraph(f"{len(runs)} run(s) in {len(summaries)} group(s) by {', '.join(group_by)}. {CELL_NOTE}"),
                 Table("Summary", header, rows, text_columns=len(group_by) + 2, note=" ".join(f"{s.column}: {s.description}." for s in statistics)),
                 Table(

@@ -246,7 +246,7 @@ def adam_atan2(device: torch.device, steps: int = 20) -> dict[str, Any]:
     from models.optimizers import AdamATan2
 
     try:
-        from adam_atan2 import AdamATan2 as Fused  # type: ignore[import-not-found]
+        from adam_atan2 import AdamATan2 as Fused
     except ImportError:
         Fused = None
     generator = torch.Generator().manual_seed(0)

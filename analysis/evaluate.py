@@ -118,7 +118,7 @@ def read_checkpoint(
         raise CheckpointError(f"{path}: its config does not validate with this version of the code ({error})") from None
     data = state.get("data")
     try:
-        sizes = DataSizes(int(data["seq_len"]), int(data["vocab_size"]), int(data["num_puzzle_identifiers"]))  # type: ignore[index]
+        sizes = DataSizes(int(data["seq_len"]), int(data["vocab_size"]), int(data["num_puzzle_identifiers"]))  # type: ignore[index]  # a bad value raises below
     except (TypeError, KeyError, ValueError):
         raise CheckpointError(f"{path}: the checkpoint lacks its dataset sizes ('data' with seq_len, vocab_size, num_puzzle_identifiers)") from None
     return path, state, config, sizes
@@ -185,7 +185,7 @@ def model_from_checkpoint(
     if state.get("reference_report"):
         print(state["reference_report"], file=sys.stderr)
     uses_ema = ema_state is not None and use_ema is not False
-    if uses_ema:
+    if ema_state is not None and uses_ema:
         copy_ema_weights_(model, ema_state, path)
     model.eval()
     loss_head = ACTLossHead(model, config.arch.loss_type, differential_loss=config.jd.differential_loss)
@@ -299,8 +299,8 @@ def parse_evaluator_names(text: str, configured: list[EvaluatorConfig]) -> list[
     unknown = [name for name in names if name not in EVALUATOR_NAMES]
     if unknown or not names:
         raise EvalInputError(f"--evaluators {text!r}: unknown {unknown or 'empty list'}; accepted: comma-separated {list(EVALUATOR_NAMES)} or 'none'")
-    by_name = {config.name: config for config in configured}
-    return [by_name.get(name) or EvaluatorConfig(name=name) for name in dict.fromkeys(names)]  # type: ignore[arg-type]
+    by_name: dict[str, EvaluatorConfig] = {config.name: config for config in configured}
+    return [by_name.get(name) or EvaluatorConfig(name=name) for name in dict.fromkeys(names)]  # type: ignore[arg-type]  # names checked above
 
 
 def _max_batches(text: str | None, configured: int | None) -> int | None:

@@ -340,7 +340,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         container = OmegaConf.to_container(config, resolve=False)
     if not isinstance(container, dict):
         raise RunLoadError(f"{path}: expected a mapping at the top level, found {type(container).__name__}")
-    return container
+    return {str(key): value for key, value in container.items()}
 
 
 def _read_summary(path: Path) -> dict[str, Any]:

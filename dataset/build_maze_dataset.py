@@ -158,7 +158,8 @@ def _place_endpoints(grid: np.ndarray, min_path_length: int, rng: np.random.Gene
     open_cells = np.argwhere(grid == OPEN)
     longest = 0
     for _ in range(tries):
-        start = tuple(int(x) for x in open_cells[rng.integers(len(open_cells))])
+        row, col = (int(x) for x in open_cells[rng.integers(len(open_cells))])
+        start = (row, col)
         distance = _bfs(grid, start)
         longest = max(longest, int(distance.max()) + 1)
         candidates = np.argwhere(distance + 1 >= max(min_path_length, 2))

@@ -184,8 +184,7 @@ def read_split(dataset_dir: str | Path, split: str, metadata: DatasetMetadata | 
         if not path.is_file():
             raise DatasetError(f"{path} is missing (a split needs {list(ARRAY_NAMES)})")
         try:
-            mmap_mode = "r" if mmap and name in ("inputs", "labels") else None
-            arrays[name] = np.load(path, allow_pickle=False, mmap_mode=mmap_mode)
+            arrays[name] = np.load(path, allow_pickle=False, mmap_mode="r" if mmap and name in ("inputs", "labels") else None)
         except (ValueError, OSError, EOFError) as error:
             raise DatasetError(f"{path}: unreadable or truncated ({error})") from error
     split_arrays = SplitArrays(**arrays)

@@ -180,7 +180,7 @@ class PuzzleDataset:
     def _check_trainable(self) -> None:
         """Fail unless every train iteration yields at least one full global batch."""
         puzzle_sizes = np.diff(self._puzzle_indices)
-        smallest_per_group = np.minimum.reduceat(puzzle_sizes, self._group_indices[:-1]) if len(puzzle_sizes) else []
+        smallest_per_group = np.minimum.reduceat(puzzle_sizes, self._group_indices[:-1]) if len(puzzle_sizes) else np.zeros(0)
         guaranteed = int(np.sum(smallest_per_group)) * self.epochs_per_iter
         if guaranteed < self.global_batch_size:
             raise DatasetError(

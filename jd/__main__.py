@@ -33,8 +33,8 @@ def describe() -> str:
         lines.append(f"  {name:<14} {arguments}")
     lines += ["", "jd.scalarizer (a loss-weighting baseline instead of an aggregator; jd.scalarizer_kwargs, required marked *):"]
     for name in scalarizer_names():
-        required, optional = accepted_arguments(name)
-        lines.append(f"  {name:<14} {', '.join([f'{a}*' for a in required] + optional)}")
+        needed, optional = accepted_arguments(name)
+        lines.append(f"  {name:<14} {', '.join([f'{a}*' for a in needed] + optional)}")
     engines = get_args(JDConfig.model_fields["engine"].annotation)
     lines += [
         "",

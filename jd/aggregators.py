@@ -97,12 +97,17 @@ def _entry(name: str) -> _Entry:
     return _REGISTRY[name]
 
 
+def _init_of(cls: type) -> Any:
+    """A class's ``__init__`` (read from the class, as ``inspect`` needs, not from an instance)."""
+    return vars(cls).get("__init__") or cls.__init__  # type: ignore[misc]  # the class's own, or its nearest base's
+
+
 def accepted_kwargs(name: str) -> list[str]:
     """The keyword arguments ``jd.aggregator_kwargs`` accepts for aggregator ``name``."""
     entry = _entry(name)
     if name == "cr_mogm":
         return ["alpha", "initial_weights", "weighting", "weighting_kwargs"]
-    params = inspect.signature(entry.cls.__init__).parameters
+    params = inspect.signature(_init_of(entry.cls)).parameters
     return sorted(p for p in params if p != "self" and p not in entry.hidden and params[p].kind is not inspect.Parameter.VAR_KEYWORD)
 
 
@@ -110,7 +115,7 @@ def required_kwargs(name: str) -> list[str]:
     entry = _entry(name)
     if name == "cr_mogm":
         return []
-    params = inspect.signature(entry.cls.__init__).parameters
+    params = inspect.signature(_init_of(entry.cls)).parameters
     return sorted(p for p in accepted_kwargs(name) if params[p].default is inspect.Parameter.empty and p not in entry.defaults_from_m)
 
 
@@ -137,7 +142,7 @@ def _projector(name: str, value: Any) -> DualConeProjector:
     solver = value.get("solver", "pivoting")
     if solver not in PROJECTOR_SOLVERS:
         raise ValueError(f"jd.aggregator_kwargs.projector.solver={solver!r}; accepted: {', '.join(PROJECTOR_SOLVERS)}")
-    eps = {key: float(v) for key, v in value.items() if key != "solver"}
+    eps: dict[str, Any] = {key: float(v) for key, v in value.items() if key != "solver"}
     try:
         return PivotingProjector(**eps) if solver == "pivoting" else QuadprogProjector(**eps)
     except ImportError as exc:
@@ -148,7 +153,7 @@ def _convert(name: str, key: str, value: Any) -> Any:
     """Lists -> tensors for tensor arguments; a dict -> a dual-cone projector for ``projector``."""
     if key == "projector":
         return _projector(name, value)
-    annotation = inspect.signature(_entry(name).cls.__init__).parameters[key].annotation
+    annotation = inspect.signature(_init_of(_entry(name).cls)).parameters[key].annotation
     if _is_tensor_annotation(annotation) and isinstance(value, (list, tuple, int, float)) and not isinstance(value, bool):
         if isinstance(value, (int, float)) and "float" in str(annotation):
             return float(value)  # e.g. PCD's tau: float | Tensor
@@ -221,7 +226,7 @@ def build_aggregator(name: str, kwargs: Mapping[str, Any] | None = None, *, num_
     if name == "cr_mogm":
         return _build_cr_mogm(kwargs, num_objectives)
     converted = {key: _convert(name, key, value) for key, value in kwargs.items()}
-    if "projector" in inspect.signature(entry.cls.__init__).parameters and "projector" not in converted:
+    if "projector" in inspect.signature(_init_of(entry.cls)).parameters and "projector" not in converted:
         converted["projector"] = _projector(name, None)
     for key in entry.defaults_from_m:
         if key not in converted:

@@ -83,6 +83,9 @@ class _EngineBase:
     def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
+    def update(self, steps: Sequence[LossTerms], params: list[Tensor], rows: list[Tensor]) -> JDUpdate:
+        raise NotImplementedError
+
 
 class JacobianEngine(_EngineBase):
     """``gramian`` and ``autojac`` on this rank's Jacobian."""

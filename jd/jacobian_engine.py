@@ -39,10 +39,10 @@ def local_update(objectives: Tensor, params: list[Tensor], rows: list[Tensor], *
         update.gramian, update.weights = gramian, weights
     else:
         jacobian = flatten_blocks(blocks, m, objectives.detach())
-        vector, weights = aggregate(aggregator, jacobian)
+        vector, jacobian_weights = aggregate(aggregator, jacobian)
         grads = unflatten(m * vector, inputs)
         if config.diagnostics:
-            update.gramian, update.weights = jacobian @ jacobian.T, weights
+            update.gramian, update.weights = jacobian @ jacobian.T, jacobian_weights
             update.projections, update.update_sq_norm = jacobian @ vector, vector @ vector
     if not all_finite(*grads, *(left_out or [])):
         return JDUpdate(m)

@@ -10,6 +10,7 @@ second backward.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,7 @@ def per_sample_update(
 
     units = _channel_units(mixing, channels, len(steps), batch)
     step_rows = rows if len(rows) == len(steps) else []
-    per_sample, row_grads = _unit_gradients(units, [leaves[p] for p in params], step_rows)
+    per_sample, row_grads = _unit_gradients(units, [leaves[cast(nn.Parameter, p)] for p in params], step_rows)
     coefficients = torch.cat([cols for _, _, cols in units], dim=1)  # A over the units' samples, [m, U * B]
 
     # Gramian of the per-sample gradients E [U * B, n], then of the objectives: G = A (E E^T) A^T.

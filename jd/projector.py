@@ -114,7 +114,8 @@ class PivotingProjector(DualConeProjector):
         return lower + excess * scale
 
     def _fallback(self, lower: Tensor, G: Tensor) -> Tensor:
-        return QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps)(lower, G).to(torch.float64)
+        projector = QuadprogProjector(norm_eps=self.norm_eps, reg_eps=self.reg_eps)
+        return projector(lower, G).to(torch.float64)  # type: ignore[arg-type]  # TorchJD's PSDMatrix marker is a Tensor at run time
 
 
 def _regularized(gramian: Tensor, norm_eps: float, reg_eps: float) -> Tensor:

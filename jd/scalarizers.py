@@ -159,41 +159,41 @@ class ScalarizerStep:
 
     def update(self, values: Tensor) -> None:
         """FAMO's step on its task weights from the objectives recomputed after the model's update."""
-        self.module.update(values.detach())  # type: ignore[operator]
+        self.module.update(values.detach())  # type: ignore[operator]  # FAMO's own method, untyped by TorchJD
 
     def end_epoch(self) -> None:
         """DWA's roll of its loss history."""
-        self.module.step()  # type: ignore[operator]
+        self.module.step()  # type: ignore[operator]  # DWA's own method, untyped by TorchJD
 
     # -------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Parameters, buffers and the private state TorchJD keeps in attributes (DWA's history, FAMO's
         Adam and last values), as tensors, numbers and lists only (loadable with ``weights_only``)."""
-        module = self.module
+        module: Any = self.module  # TorchJD's private attributes: nothing types them
         state: dict[str, Any] = {"module": {k: v.detach().clone() for k, v in module.state_dict().items()}}
         if self.name == "dwa":
             state["dwa"] = {
-                "loss_sum": module._loss_sum,  # type: ignore[attr-defined]
-                "n_batches": module._n_batches,  # type: ignore[attr-defined]
-                "previous": list(module._previous_averages),  # type: ignore[attr-defined]
+                "loss_sum": module._loss_sum,
+                "n_batches": module._n_batches,
+                "previous": list(module._previous_averages),
             }
         if self.name == "famo":
-            optimizer = module._optimizer  # type: ignore[attr-defined]
-            state["famo"] = {"previous": module._prev_losses, "optimizer": None if optimizer is None else optimizer.state_dict()}  # type: ignore[attr-defined]
+            optimizer = module._optimizer
+            state["famo"] = {"previous": module._prev_losses, "optimizer": None if optimizer is None else optimizer.state_dict()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        module = self.module
+        module: Any = self.module  # TorchJD's private attributes: nothing types them
         module.load_state_dict(state["module"])
         if self.name == "dwa":
             saved = state["dwa"]
-            module._loss_sum, module._n_batches, module._previous_averages = saved["loss_sum"], saved["n_batches"], list(saved["previous"])  # type: ignore[attr-defined]
+            module._loss_sum, module._n_batches, module._previous_averages = saved["loss_sum"], saved["n_batches"], list(saved["previous"])
         if self.name == "famo":
             saved = state["famo"]
-            module._prev_losses = saved["previous"]  # type: ignore[attr-defined]
+            module._prev_losses = saved["previous"]
             if saved["optimizer"] is not None:
-                module._optimizer = torch.optim.Adam([module._w], lr=module.lr, weight_decay=module.weight_decay)  # type: ignore[attr-defined]
-                module._optimizer.load_state_dict(saved["optimizer"])  # type: ignore[attr-defined]
+                module._optimizer = torch.optim.Adam([module._w], lr=module.lr, weight_decay=module.weight_decay)
+                module._optimizer.load_state_dict(saved["optimizer"])
 
 
 def weight_metrics(coefficients: Tensor) -> dict[str, float]:

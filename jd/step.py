@@ -352,8 +352,8 @@ class JDStep:
         if not params:
             return
         device = params[0].device
-        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
-        has_grad = self._collective.all_reduce(has_grad, op=dist.ReduceOp.MAX).bool().tolist()
+        local = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+        has_grad = self._collective.all_reduce(local, op=dist.ReduceOp.MAX).bool().tolist()
         reduced = [p for p, flag in zip(params, has_grad) if flag]
         if not reduced:
             return

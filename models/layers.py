@@ -73,8 +73,8 @@ class _PerSampleLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+        x, weight = ctx.saved_tensors  # type: ignore[attr-defined]  # torch's FunctionCtx stub lacks what save_for_backward sets
         shared = weight[0].to(grad_out.dtype)
         grad_x = grad_out @ shared
         grad_weight = torch.bmm(grad_out.transpose(1, 2), x).to(weight.dtype)
@@ -105,6 +105,9 @@ class CastedEmbedding(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """Precomputed RoPE cos/sin tables for a fixed maximum sequence length."""
+
+    cos: Tensor
+    sin: Tensor
 
     def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0) -> None:
         super().__init__()

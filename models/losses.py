@@ -107,8 +107,8 @@ class ACTLossHead(nn.Module):
         ``outputs`` gains ``preds`` and ``exact`` (``[B]``: every scored token right)."""
         carry, outputs = self.model(carry, batch, keep_cycle_logits=keep_cycle_logits, carry_noise=carry_noise)
         labels = carry.data["labels"]
-        logits: Tensor = outputs["logits"]  # type: ignore[assignment]
-        q_halt_logits: Tensor = outputs["q_halt_logits"]  # type: ignore[assignment]
+        logits: Tensor = outputs["logits"]
+        q_halt_logits: Tensor = outputs["q_halt_logits"]
 
         metrics, divisor = _step_metrics(carry, labels, logits, q_halt_logits, outputs)
         exact = outputs["exact"]
@@ -116,7 +116,7 @@ class ACTLossHead(nn.Module):
 
         def lm_terms(step_logits: Tensor) -> Tensor:
             if self.differential_loss and "prev_logits" in outputs:
-                step_logits = step_logits - outputs["prev_logits"]  # type: ignore[operator]
+                step_logits = step_logits - outputs["prev_logits"]
             return self.loss_fn(step_logits, labels, IGNORE_LABEL_ID) / divisor * scale
 
         lm = lm_terms(logits)
@@ -126,10 +126,7 @@ class ACTLossHead(nn.Module):
             q_halt = F.binary_cross_entropy_with_logits(q_halt_logits, exact.to(q_halt_logits.dtype), reduction="none") * scale
         q_continue = None
         if "target_q_continue" in outputs:
-            q_continue = (
-                F.binary_cross_entropy_with_logits(outputs["q_continue_logits"], outputs["target_q_continue"], reduction="none")  # type: ignore[arg-type]
-                * scale
-            )
+            q_continue = F.binary_cross_entropy_with_logits(outputs["q_continue_logits"], outputs["target_q_continue"], reduction="none") * scale
         internal, differential = self._cycle_terms(outputs, lm, lm_terms, labels, scale, differential_cycles)
         terms = LossTerms(lm=lm, q_halt=q_halt, q_continue=q_continue, internal_lm=internal, internal_differential=differential)
 
@@ -138,7 +135,7 @@ class ACTLossHead(nn.Module):
             metrics["q_halt_loss"] = q_halt.detach().sum() * global_batch_size
             if q_continue is not None:
                 metrics["q_continue_loss"] = q_continue.detach().sum() * global_batch_size
-        return carry, terms, metrics, outputs, carry.halted.all()  # type: ignore[return-value]
+        return carry, terms, metrics, outputs, carry.halted.all()
 
 
 @torch.no_grad()

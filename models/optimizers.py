@@ -15,7 +15,7 @@ is importable and the parameters live on CUDA, and this class otherwise. With st
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ class AdamATan2(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closure: the loss is never re-evaluated
         for group in self.param_groups:
             lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
             for param in group["params"]:
@@ -59,14 +59,14 @@ class AdamATan2(torch.optim.Optimizer):
                 param.add_(torch.atan2(state["exp_avg"], denom), alpha=-lr / (1 - beta1**step))
 
 
-def make_adam_atan2(params: list[Tensor], lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.Optimizer:
+def make_adam_atan2(params: Sequence[Tensor], lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.Optimizer:
     """The fused ``adam_atan2.AdamATan2`` on CUDA when installed (``pip install .[cuda]``), else :class:`AdamATan2`.
 
     Both keep the same state keys (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints move between them.
     """
     if params and params[0].is_cuda:
         try:
-            from adam_atan2 import AdamATan2 as FusedAdamATan2  # type: ignore[import-not-found]
+            from adam_atan2 import AdamATan2 as FusedAdamATan2
         except ImportError:
             pass
         else:

@@ -37,7 +37,7 @@ def per_sample_parameters(model: nn.Module, batch_size: int) -> Iterator[dict[nn
         True
     """
     leaves: dict[nn.Parameter, Tensor] = {}
-    patched: list[nn.Module] = []
+    patched: list[CastedLinear | CastedEmbedding] = []
     covered: set[int] = set()
     try:
         for module in model.modules():

@@ -26,6 +26,8 @@ class SparsePuzzleEmbedding(nn.Module):
         (torch.Size([3, 4]), 1)
     """
 
+    weights: Tensor  # a buffer (register_buffer): trained by the sign-SGD below, not by autograd
+
     def __init__(self, num_embeddings: int, embedding_dim: int, cast_to: torch.dtype, init_std: float = 0.0) -> None:
         super().__init__()
         self.cast_to = cast_to
@@ -87,7 +89,7 @@ class SignSGDSparseEmbedding(torch.optim.Optimizer):
         super().__init__([emb.weights for emb in embeddings], dict(lr=lr, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closure: the loss is never re-evaluated
         group = self.param_groups[0]
         lr, weight_decay = group["lr"], group["weight_decay"]
         for embedding in self.embeddings:

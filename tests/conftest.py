@@ -32,7 +32,7 @@ def tiny_arch(**overrides: object) -> ArchConfig:
         halt_exploration_prob=0.1,
     )
     values.update(overrides)
-    return ArchConfig(**values)  # type: ignore[arg-type]
+    return ArchConfig(**values)  # type: ignore[arg-type]  # pydantic validates the values
 
 
 def tiny_trm_batch() -> dict[str, torch.Tensor]:

@@ -76,7 +76,7 @@ def test_m_and_sum_of_the_objectives(name: str) -> None:
     assert spec.num_objectives(batch_size=B, seq_len=S, H_cycles=H, supervision_steps=len(steps)) == EXPECTED_M[name]
     assert spec.describe().startswith("m = ")
     gd_loss = sum(t.total() for t in steps)
-    intermediate = sum(c.sum() for c in steps[0].internal_lm[:-1])  # type: ignore[index]
+    intermediate = sum(c.sum() for c in steps[0].internal_lm[:-1])  # type: ignore[index]  # the head was asked for them
     if name in {"stack_internal_losses", "stack_internal_and_sum"}:
         expected = gd_loss + W * intermediate
     elif name == "stack_internal_losses_only":
@@ -181,7 +181,7 @@ def _validate(**overrides: object) -> None:
     config_keys = {k: v for k, v in overrides.items() if k not in arch and k not in ("batch_size", "seq_len")}
     arch.update({k: v for k, v in overrides.items() if k in arch})
     sizes = {k: v for k, v in overrides.items() if k in ("batch_size", "seq_len")}
-    validate_split(JDConfig(**config_keys), **arch, **sizes)  # type: ignore[arg-type]
+    validate_split(JDConfig(**config_keys), **arch, **sizes)  # type: ignore[arg-type]  # parametrised values
 
 
 def test_validate_split_accepts_good_configs() -> None:

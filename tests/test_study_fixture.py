@@ -112,7 +112,7 @@ def run_like_the_fixture(trainer: Trainer, case: dict[str, Any], settings: dict[
         objectives.append(trainer.jd_step.split.objectives(steps).detach().clone())
         return backward(steps, params, rows)
 
-    trainer.jd_step.backward = recording  # type: ignore[method-assign]
+    trainer.jd_step.backward = recording  # type: ignore[method-assign]  # a recording wrapper around the real method
     for call, batch in enumerate(case["batches"]):
         for parameter in trainer.model.parameters():
             parameter.grad = None
@@ -168,7 +168,7 @@ def test_the_preset_gives_the_studys_objectives_and_update(name: str, study_data
         torch.testing.assert_close(objectives[0].float() * 4, case["objectives"].float(), rtol=1e-5, atol=1e-6)
     if settings["freeze_weights"]:  # the study's sign-SGD step on the puzzle table, here the toolkit's
         trainer.optimizers.step(lr_scale=1.0)
-        assert torch.equal(trainer.model.puzzle_embedding.weights, case["puzzle_table_after"])  # type: ignore[union-attr]
+        assert torch.equal(trainer.model.puzzle_embedding.weights, case["puzzle_table_after"])  # type: ignore[union-attr]  # the study model has one
 
 
 PRESET_SETTINGS = [
@@ -231,7 +231,7 @@ def test_a_stack_from_a_trained_q_head_runs_the_studys_k_and_drops_the_head(stud
 
 def _gd_grads(trainer: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     trainer.accumulate_gradients([{key: value.long() for key, value in batch.items()}])
-    rows = trainer.model.puzzle_embedding.pending_rows()  # type: ignore[union-attr]
+    rows = trainer.model.puzzle_embedding.pending_rows()  # type: ignore[union-attr]  # the study model has one
     return rows[0][1].grad.clone()
 
 

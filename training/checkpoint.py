@@ -35,7 +35,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+    numbered = [(int(match.group(1)), p) for p in folder.iterdir() if (match := _NAME.match(p.name))]
+    return [p for _, p in sorted(numbered)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

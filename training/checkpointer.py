@@ -116,7 +116,7 @@ class Checkpointer:
             return False
         if before_eval:
             return self.every_eval
-        return bool(self.interval) and step % self.interval == 0
+        return self.interval is not None and self.interval > 0 and step % self.interval == 0
 
     def save(self, progress: Progress) -> Path | None:
         """Write every registered state (all ranks call it; rank 0 writes). Returns the path on rank 0.

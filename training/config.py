@@ -208,15 +208,15 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def parse_config(raw: DictConfig | dict[str, Any]) -> TrainConfig:
     """Resolve interpolations and validate; raise :class:`ConfigError` with one line per problem."""
-    data = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw
-    data = {key: value for key, value in dict(data).items() if key != "hydra"}  # type: ignore[arg-type]
+    container: Any = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw
+    data = {key: value for key, value in dict(container).items() if key != "hydra"}
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error)) from None
 
 
-def known_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+def known_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
     """Every dotted config key ``TrainConfig`` accepts (``arch.hidden_size``, ``jd.split``, ...)."""
     model = model or TrainConfig
     keys = []

@@ -110,8 +110,8 @@ def decide_on_main(dist_info: DistInfo, decide: Callable[[], T]) -> T:
             outcome[1] = error if _picklable(error) else RuntimeError(f"{type(error).__name__}: {error}")
     dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
-        raise outcome[1]  # type: ignore[misc]
-    return outcome[0]  # type: ignore[return-value]
+        raise outcome[1]  # type: ignore[misc]  # an exception by construction (set in the except above)
+    return outcome[0]  # type: ignore[return-value]  # what decide() returned on rank 0
 
 
 def _picklable(value: object) -> bool:

@@ -86,10 +86,10 @@ class _ReadAhead:
             return None
         if isinstance(item, BaseException):
             raise item
-        batch, event = item  # type: ignore[misc]
+        batch, event = item
         if event is not None:
             current = torch.cuda.current_stream(self._device)
-            current.wait_event(event)  # type: ignore[arg-type]
+            current.wait_event(event)
             for value in batch.values():
                 value.record_stream(current)  # its memory is not reused while the step still reads it
         return batch

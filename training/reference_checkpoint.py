@@ -230,7 +230,7 @@ def _plain_python_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> 
         return values[0] if len(values) == 1 else values
     if isinstance(node, yaml.MappingNode):
         return loader.construct_mapping(node, deep=True)
-    return loader.construct_scalar(node)  # type: ignore[arg-type]
+    return loader.construct_scalar(node)
 
 
 _ConfigLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain_python_tag)

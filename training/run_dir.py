@@ -143,8 +143,8 @@ def plan_run(config: TrainConfig, elastic: ElasticInfo) -> RunPlan:
         return RunPlan(target, None, continues_run=True, note=f"{reason}: {target} has no checkpoint yet; starting the run from scratch")
 
     if source is not None:
-        if _same_path(target, source_run):
-            latest = latest_checkpoint(source_run)  # type: ignore[arg-type]
+        if source_run is not None and _same_path(target, source_run):
+            latest = latest_checkpoint(source_run)
             if latest is not None and not _same_path(latest, source):
                 raise CheckpointError(
                     f"load_checkpoint={source} is not the newest checkpoint of its run ({latest.name} is); continuing "

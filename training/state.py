@@ -55,7 +55,7 @@ def seed_everything(seed: int) -> None:
 
 def capture_rng() -> dict[str, Any]:
     """Every RNG stream training draws from, as checkpoint-safe values (tensors, ints, lists)."""
-    numpy_state = np.random.get_state()
+    numpy_state: Any = np.random.get_state()  # the legacy tuple ("MT19937", keys, pos, has_gauss, cached)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": list(random.getstate()[1]) + [random.getstate()[2]],

@@ -103,6 +103,9 @@ class ACTModel(nn.Module):
         seq_len, vocab_size, num_puzzle_identifiers: from the dataset's metadata.
     """
 
+    H_init: Tensor  # buffers: the latents a fresh sample starts from
+    L_init: Tensor
+
     def __init__(self, config: ArchConfig, core: RecursiveCore, seq_len: int, vocab_size: int, num_puzzle_identifiers: int) -> None:
         super().__init__()
         self.config = config
