@@ -17,20 +17,19 @@ Evaluate = Callable[[], dict[str, float]]
 
 
 class Cadence:
-    """The run's schedule of logging and evaluation.
+    """The run's schedule: logging, evaluation, the checkpoints around evaluations, the learning rate.
 
-        Args:
-            config: ``log_interval``, ``eval_interval`` (epochs per data iteration), ``min_eval_interval``,
-                ``eval_steps`` (extra evaluations at these optimizer steps), ``epochs``.
-            total_steps: the optimizer steps the run takes.
-            is_main: this rank prints the notes.
+    Args:
+        config: ``log_interval``, ``eval_interval`` (epochs per data iteration), ``min_eval_interval``,
+            ``eval_steps`` (extra evaluations at these optimizer steps), ``epochs``, the LR warm-up and decay.
+        total_steps: the optimizer steps the run takes.
+        is_main: this rank prints the notes.
 
-        Example:
-            >>> from training.config import TrainConfig
-    from training.run_dir import logged_evaluation
-            >>> cadence = Cadence(TrainConfig(data_paths=["d"], global_batch_size=8, lr=1e-4, epochs=4, log_interval=10), total_steps=100)
-            >>> [cadence.log_due(step) for step in (1, 5, 10)]
-            [True, False, True]
+    Example:
+        >>> from training.config import TrainConfig
+        >>> cadence = Cadence(TrainConfig(data_paths=["d"], global_batch_size=8, lr=1e-4, epochs=4, log_interval=10), total_steps=100)
+        >>> [cadence.log_due(step) for step in (1, 5, 10)]
+        [True, False, True]
     """
 
     def __init__(self, config: TrainConfig, total_steps: int, *, is_main: bool = True) -> None:
