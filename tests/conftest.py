@@ -14,6 +14,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def tiny_arch(**overrides: object) -> ArchConfig:
@@ -95,11 +96,15 @@ def compose(overrides: list[str]) -> TrainConfig:  # noqa: F821 - imported lazil
     return parse_config(raw)
 
 
+_LOCATION_MARKERS = {"integration": ("integration", "slow"), "distributed": ("distributed", "slow"), "gpu": ("gpu",)}
+"""The markers a test gets from the folder it lives in (tests/unit gets none)."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` need CUDA: without it they are skipped, with the reason."""
-    if torch.cuda.is_available():
-        return
+    """Markers from each test's folder; tests marked ``gpu`` are skipped without CUDA, with the reason."""
     skip = pytest.mark.skip(reason="needs CUDA (marked gpu); run on a GPU machine, e.g. by python -m analysis.device_check")
     for item in items:
-        if "gpu" in item.keywords:
+        for name in _LOCATION_MARKERS.get(item.path.parent.name, ()):
+            item.add_marker(name)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)

@@ -40,7 +40,7 @@ from analysis.wandb_source import (
     wandb_unavailable_reason,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = REPO
 
 
 # ----------------------------------------------------------------------------------------------- helpers

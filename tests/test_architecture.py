@@ -16,7 +16,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1] if (Path(__file__).resolve().parents[1] / "pretrain.py").exists() else Path(__file__).resolve().parents[2]
 LAYERS = {"models": 0, "dataset": 1, "jd": 1, "evaluators": 2, "training": 3, "pretrain": 4, "analysis": 5}
 MAX_FUNCTION_LINES = 60
 MAX_TRAINER_LINES = 300

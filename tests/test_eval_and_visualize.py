@@ -32,7 +32,7 @@ from dataset.puzzle_dataset import PuzzleDataset
 from models.loss_terms import IGNORE_LABEL_ID
 from models.registry import build_model
 from pretrain import run
-from tests.conftest import REPO, compose, tiny_arch, tiny_overrides
+from tests.conftest import FIXTURES, REPO, compose, tiny_arch, tiny_overrides
 
 CPU = torch.device("cpu")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -368,7 +368,7 @@ def test_evaluation_shows_progress_over_examples(tmp_path: Path, capsys: pytest.
     """A long evaluation is never a silent 0/1: the bar counts test examples (here 6, in 2 batches of 4)."""
     from analysis.evaluate import main as evaluate_cli_main
 
-    fixture = Path(__file__).resolve().parent / "fixtures" / "reference"
+    fixture = FIXTURES / "reference"
     status = evaluate_cli_main(
         [
             str(fixture / "checkpoints" / "hrm_sudoku"),

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from pretrain import run
-from tests.conftest import compose
+from tests.conftest import FIXTURES, compose
 from tests.fixtures.previous_release.make_previous_release_fixture import OVERRIDES
 from training.checkpoint import list_checkpoints, load_checkpoint
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "previous_release"
+FIXTURE = FIXTURES / "previous_release"
 
 pytestmark = pytest.mark.slow
 

@@ -22,11 +22,11 @@ from dataset.common import DatasetError, read_metadata
 from dataset.puzzle_dataset import PuzzleDataset
 from evaluators.arc import ARCEvaluator
 from pretrain import run
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import FIXTURES, compose, tiny_overrides
 from training.checkpoint import CheckpointError, list_checkpoints, read_state
 from training.reference_checkpoint import map_reference_state
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "reference"
+FIXTURE = FIXTURES / "reference"
 MODELS = [("trm_arc", "arc"), ("trm_mlpt_sudoku", "sudoku"), ("hrm_sudoku", "sudoku")]
 
 

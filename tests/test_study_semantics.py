@@ -22,13 +22,13 @@ from models.loss_terms import IGNORE_LABEL_ID
 from models.losses import ACTLossHead
 from models.registry import build_model
 from pretrain import run
-from tests.conftest import compose, tiny_arch, tiny_overrides, tiny_trm_batch
+from tests.conftest import FIXTURES, compose, tiny_arch, tiny_overrides, tiny_trm_batch
 from training.distributed import DistInfo
 from training.hard_sampling import HardExampleSampler
 from training.trainer import Trainer
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "reference"
+FIXTURE = FIXTURES / "reference"
 W = 0.3  # jd.intermediate_loss_weight
 
 

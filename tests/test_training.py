@@ -367,7 +367,7 @@ def test_a_run_directory_in_use_is_not_resumed_by_a_second_process(sudoku_data: 
             "import time; from training.run_lock import RunLock; "
             f"lock = RunLock.acquire({str(run_dir)!r}); print('held', flush=True); time.sleep(60)",
         ],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
     )
