@@ -13,6 +13,15 @@ from models.recursive_reasoning.config import ArchConfig
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
+# Fixtures shared by the unit, integration and distributed tests of one topic.
+pytest_plugins = [
+    "tests.helpers.analysis",
+    "tests.helpers.arc_dataset",
+    "tests.helpers.arc_evaluator",
+    "tests.helpers.eval_and_visualize",
+    "tests.helpers.study_fixture",
+]
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 

@@ -1,0 +1,31 @@
+"""The benchmark runs end to end at the tiny preset and writes what it promises (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analysis.benchmark import main
+
+
+def test_tiny_benchmark_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--preset", "tiny", "--variants", "gd,iwrm", "--engines", "auto,gramian", "--batch-size", "4", "--steps", "1", "--warmup", "1"]
+    assert main([*argv, "--projector-sizes", "6", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "benchmark-tiny-cpu-eager.json").read_text())
+    assert report["header"]["isolated"] is True and report["header"]["batch_size"] == 4
+    rows = {row["variant"]: row for row in report["results"]}
+    assert set(rows) == {"gd", "iwrm[auto]", "iwrm[gramian]"}
+    assert rows["iwrm[auto]"]["engine"] == "per_sample" and rows["iwrm[gramian]"]["engine"] == "gramian"
+    for row in rows.values():
+        assert row["error"] is None
+        assert row["median_ms"] > 0 and row["peak_mem_mib"] is not None and row["ratio_to_gd"] is not None
+    assert rows["iwrm[auto]"]["objectives"] == 4  # one objective per sample
+    # Both engines compute the same update, so the same GD similarity.
+    assert rows["iwrm[auto]"]["gd_similarity"] == pytest.approx(rows["iwrm[gramian]"]["gd_similarity"], abs=1e-4)
+    assert report["projectors"][0]["m"] == 6 and report["projectors"][0]["pivoting_ms"] > 0
+    markdown = (tmp_path / "benchmark-tiny-cpu-eager.md").read_text()
+    assert "| iwrm[auto] | iwrm_with_q_halt_in | per_sample | 4 |" in markdown
+    assert all(row["min_ms"] <= row["median_ms"] for row in rows.values())
+    assert "wrote" in capsys.readouterr().out
