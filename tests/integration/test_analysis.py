@@ -1,4 +1,8 @@
-"""Tests for analysis/: reading runs, the GD-similarity plot, the comparison table and report, W&B guards."""
+"""Tests for analysis/: reading runs, the GD-similarity plot, the comparison table and report, W&B guards.
+
+The integration tests; the others are in
+tests/unit/test_analysis.py.
+"""
 
 from __future__ import annotations
 

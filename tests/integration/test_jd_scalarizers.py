@@ -1,4 +1,8 @@
-"""Loss-weighting baselines (``jd.scalarizer``): by name, validated, exact, one backward, and trainable."""
+"""Loss-weighting baselines (``jd.scalarizer``): by name, validated, exact, one backward, and trainable.
+
+The integration tests; the others are in
+tests/unit/test_jd_scalarizers.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Reading batches ahead (training/prefetch.py): the same batches in the same order, the same run, exact resume."""
+"""Reading batches ahead (training/prefetch.py): the same batches in the same order, the same run, exact resume.
+
+The integration tests; the others are in
+tests/unit/test_prefetch.py.
+"""
 
 from __future__ import annotations
 

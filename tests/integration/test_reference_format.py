@@ -1,8 +1,7 @@
 """The reference TRM code's datasets and checkpoints, against outputs of the reference code itself.
 
-``tests/fixtures/reference/`` was written by ``make_reference_fixture.py`` there, which ran the
-reference repositories' own builders, models, loader and ARC evaluator (see its docstring); nothing
-of this toolkit took part in making it.
+The integration tests; the others are in
+tests/unit/test_reference_format.py.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """Fault injection on CPU: killed and interrupted runs, restarts, non-finite steps and bad input.
 
-Every test trains a real tiny TRM (``tests/conftest.py``) through the code path of ``pretrain.py``,
-in-process or as a real subprocess, injects a fault with real means (SIGKILL, SIGTERM, SIGINT, a
-killed ``torchrun`` worker, a NaN parameter, a too large learning rate, damaged files) and checks
-the stated outcome, and that no file a user already had was lost or overwritten.
-
-Exactness: a resumed run must reach the same checkpoint (model, optimizers, EMA, progress, RNG
-streams, ACT carries, JD state) and log the same metrics as an uninterrupted one, bit for bit on CPU
-with one thread (``torch.set_num_threads(1)`` here, ``OMP_NUM_THREADS=1`` in subprocesses).
+The integration tests; the others are in
+tests/unit/test_reliability.py,
+tests/distributed/test_reliability.py.
 """
 
 from __future__ import annotations

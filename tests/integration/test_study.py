@@ -1,4 +1,8 @@
-"""analysis.study: a real (tiny) grid of arms x seeds, its report, and resuming a half-finished study."""
+"""analysis.study: a real (tiny) grid of arms x seeds, its report, and resuming a half-finished study.
+
+The integration tests; the others are in
+tests/unit/test_study.py.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""``compat=jd_study`` against the JD study's own code: the same weights and batches give the same objectives
-and the same update (``.grad`` of every weight and puzzle row), for every split the study's code can run.
+"""``compat=jd_study`` against the JD study's own code: the same weights and batches give the same objectives.
 
-The fixture (``tests/fixtures/jd_study/``) was made by running the study's ``train_batch`` with TorchJD
-0.8.1 (``make_study_fixture.py`` says how, and every substitution). Each test builds this toolkit's real
-trainer from the preset, loads the fixture's weights through ``init_from`` (the reference loader), feeds
-the same batches with the same seeds and compares what one optimizer step would apply.
+The integration tests; the others are in
+tests/unit/test_study_fixture.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""The JD study's experiments as it ran them: its stacks' objectives, hard-example sampling, frozen weights,
-fine-tuning, search sweeps.
+"""The JD study's experiments as it ran them: its stacks' objectives, hard-example sampling, frozen weights,.
 
-The objectives are checked against direct computations from the model's per-cycle / per-step logits,
-written here from the study's formulas (a stablemax cross-entropy of our own, not the code under test).
+The integration tests; the others are in
+tests/unit/test_study_semantics.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Sudoku and Maze builders: generators, solvers, augmentations, CSV import, written datasets."""
+"""Sudoku and Maze builders: generators, solvers, augmentations, CSV import, written datasets.
+
+The integration tests; the others are in
+tests/unit/test_sudoku_maze.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""End-to-end: real tiny trainings on CPU through the same code path as ``pretrain.py``."""
+"""End-to-end: real tiny trainings on CPU through the same code path as ``pretrain.py``.
+
+The integration tests; the others are in
+tests/unit/test_training.py,
+tests/distributed/test_training.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Writes that cannot happen (no space, no permission, no such place) are one-line errors, and nothing is lost."""
+"""Writes that cannot happen (no space, no permission, no such place) are one-line errors, and nothing is lost.
+
+The integration tests; the others are in
+tests/unit/test_write_failures.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Tests for analysis/: reading runs, the GD-similarity plot, the comparison table and report, W&B guards."""
+"""Tests for analysis/: reading runs, the GD-similarity plot, the comparison table and report, W&B guards.
+
+This file holds the unit tests; the others are in tests/integration/test_analysis.py.
+"""
 
 from __future__ import annotations
 

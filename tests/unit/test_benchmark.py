@@ -1,4 +1,7 @@
-"""The benchmark runs end to end at the tiny preset and writes what it promises (no timing asserted)."""
+"""The benchmark runs end to end at the tiny preset and writes what it promises (no timing asserted).
+
+This file holds the unit tests; the others are in tests/integration/test_benchmark.py.
+"""
 
 from __future__ import annotations
 

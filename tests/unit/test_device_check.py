@@ -1,4 +1,7 @@
-"""The device check's rehearsal (``--dry-run``): every section runs on the CPU at the tiny size and reports."""
+"""The device check's rehearsal (``--dry-run``): every section runs on the CPU at the tiny size and reports.
+
+This file holds the unit tests; the others are in tests/integration/test_device_check.py.
+"""
 
 from __future__ import annotations
 

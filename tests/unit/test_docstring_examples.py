@@ -1,6 +1,6 @@
 """Every runnable example in the project's docstrings runs, and none disappears unnoticed.
 
-Modules are discovered (every module of the packages, as ``tests/test_architecture.py`` lists them), so a
+Modules are discovered (every module of the packages, as ``tests/unit/test_architecture.py`` lists them), so a
 new example runs without being registered; :data:`EXAMPLES` pins how many each module holds, so deleting
 one fails here until the table says so.
 """

@@ -1,4 +1,7 @@
-"""Standalone evaluation (``python -m analysis.evaluate``) and the recursion visualiser, on real tiny runs."""
+"""Standalone evaluation (``python -m analysis.evaluate``) and the recursion visualiser, on real tiny runs.
+
+This file holds the unit tests; the others are in tests/integration/test_eval_and_visualize.py, tests/distributed/test_eval_and_visualize.py.
+"""
 
 from __future__ import annotations
 

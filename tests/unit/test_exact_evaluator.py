@@ -1,4 +1,7 @@
-"""ExactMatchEvaluator and the Wilson score interval."""
+"""ExactMatchEvaluator and the Wilson score interval.
+
+This file holds the unit tests; the others are in tests/distributed/test_exact_evaluator.py.
+"""
 
 from __future__ import annotations
 

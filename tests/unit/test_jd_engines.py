@@ -1,4 +1,7 @@
-"""Every JD engine gives the gradient of the reference Jacobian path, on a tiny TRM with puzzle rows."""
+"""Every JD engine gives the gradient of the reference Jacobian path, on a tiny TRM with puzzle rows.
+
+This file holds the unit tests; the others are in tests/integration/test_jd_engines.py.
+"""
 
 from __future__ import annotations
 

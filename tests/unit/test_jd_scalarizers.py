@@ -1,4 +1,7 @@
-"""Loss-weighting baselines (``jd.scalarizer``): by name, validated, exact, one backward, and trainable."""
+"""Loss-weighting baselines (``jd.scalarizer``): by name, validated, exact, one backward, and trainable.
+
+This file holds the unit tests; the others are in tests/integration/test_jd_scalarizers.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Reading batches ahead (training/prefetch.py): the same batches in the same order, the same run, exact resume."""
+"""Reading batches ahead (training/prefetch.py): the same batches in the same order, the same run, exact resume.
+
+This file holds the unit tests; the others are in tests/integration/test_prefetch.py.
+"""
 
 from __future__ import annotations
 

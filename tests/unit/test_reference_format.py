@@ -3,6 +3,8 @@
 ``tests/fixtures/reference/`` was written by ``make_reference_fixture.py`` there, which ran the
 reference repositories' own builders, models, loader and ARC evaluator (see its docstring); nothing
 of this toolkit took part in making it.
+
+This file holds the unit tests; the others are in tests/integration/test_reference_format.py.
 """
 
 from __future__ import annotations

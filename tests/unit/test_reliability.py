@@ -8,6 +8,8 @@ the stated outcome, and that no file a user already had was lost or overwritten.
 Exactness: a resumed run must reach the same checkpoint (model, optimizers, EMA, progress, RNG
 streams, ACT carries, JD state) and log the same metrics as an uninterrupted one, bit for bit on CPU
 with one thread (``torch.set_num_threads(1)`` here, ``OMP_NUM_THREADS=1`` in subprocesses).
+
+This file holds the unit tests; the others are in tests/integration/test_reliability.py, tests/distributed/test_reliability.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""analysis.study: a real (tiny) grid of arms x seeds, its report, and resuming a half-finished study."""
+"""analysis.study: a real (tiny) grid of arms x seeds, its report, and resuming a half-finished study.
+
+This file holds the unit tests; the others are in tests/integration/test_study.py.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ The fixture (``tests/fixtures/jd_study/``) was made by running the study's ``tra
 0.8.1 (``make_study_fixture.py`` says how, and every substitution). Each test builds this toolkit's real
 trainer from the preset, loads the fixture's weights through ``init_from`` (the reference loader), feeds
 the same batches with the same seeds and compares what one optimizer step would apply.
+
+This file holds the unit tests; the others are in tests/integration/test_study_fixture.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ fine-tuning, search sweeps.
 
 The objectives are checked against direct computations from the model's per-cycle / per-step logits,
 written here from the study's formulas (a stablemax cross-entropy of our own, not the code under test).
+
+This file holds the unit tests; the others are in tests/integration/test_study_semantics.py.
 """
 
 from __future__ import annotations

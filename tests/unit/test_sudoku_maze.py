@@ -1,4 +1,7 @@
-"""Sudoku and Maze builders: generators, solvers, augmentations, CSV import, written datasets."""
+"""Sudoku and Maze builders: generators, solvers, augmentations, CSV import, written datasets.
+
+This file holds the unit tests; the others are in tests/integration/test_sudoku_maze.py.
+"""
 
 from __future__ import annotations
 

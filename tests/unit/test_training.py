@@ -1,4 +1,7 @@
-"""End-to-end: real tiny trainings on CPU through the same code path as ``pretrain.py``."""
+"""End-to-end: real tiny trainings on CPU through the same code path as ``pretrain.py``.
+
+This file holds the unit tests; the others are in tests/integration/test_training.py, tests/distributed/test_training.py.
+"""
 
 from __future__ import annotations
 

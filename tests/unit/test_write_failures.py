@@ -1,4 +1,7 @@
-"""Writes that cannot happen (no space, no permission, no such place) are one-line errors, and nothing is lost."""
+"""Writes that cannot happen (no space, no permission, no such place) are one-line errors, and nothing is lost.
+
+This file holds the unit tests; the others are in tests/integration/test_write_failures.py.
+"""
 
 from __future__ import annotations
 
