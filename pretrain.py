@@ -53,11 +53,21 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dataset.common import DatasetError
 from training.checkpoint import CheckpointError
-from training.config import DEMO_DATA_PATH, ConfigError, TrainConfig, known_keys, parse_config, unknown_key_message
+from training.config import (
+    DEMO_DATA_PATH,
+    ConfigError,
+    TrainConfig,
+    known_keys,
+    parse_config,
+    register_hydra_defaults,
+    unknown_key_message,
+)
 from training.distributed import DistInfo, setup_distributed, teardown_distributed
 from training.interrupt import StartupSignals
 from training.run_dir import RunDirError
 from training.threads import choose_threads
+
+register_hydra_defaults()  # TrainConfig's defaults, which config/cfg_pretrain.yaml composes first
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, RunDirError)
 EXIT_BAD_INPUT = 2

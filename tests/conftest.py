@@ -98,8 +98,9 @@ def compose(overrides: list[str]) -> TrainConfig:  # noqa: F821 - imported lazil
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from training.config import parse_config
+    from training.config import parse_config, register_hydra_defaults
 
+    register_hydra_defaults()
     with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
         raw = hydra_compose(config_name="cfg_pretrain", overrides=overrides)
     return parse_config(raw)

@@ -45,7 +45,8 @@ class WandbConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """Everything a run needs, validated. See ``config/cfg_pretrain.yaml`` for the documented defaults."""
+    """Everything a run needs, validated, with every setting's default (the only place defaults are written:
+    ``config/cfg_pretrain.yaml`` composes :func:`hydra_defaults` first and adds the demo's choices)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -103,10 +104,14 @@ class TrainConfig(BaseModel):
     keep_last: int = Field(default=3, ge=1)
     max_nonfinite_steps: int = Field(default=20, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: Literal["auto", "true", "false"] | bool = "auto"
+    compile: Literal["auto", "true", "false"] | bool = Field(
+        default="auto", description="torch.compile: on CUDA by default; false to disable (or DISABLE_COMPILE=1)"
+    )
     log_interval: int = Field(default=1, ge=1)
-    threads: int | None = Field(default=None, ge=1)  # torch CPU threads; None: chosen from the cores and the load
-    prefetch_batches: int | None = Field(default=None, ge=0)  # read-ahead depth; None: 2 on CUDA, 0 (none) on CPU
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; null: the cores this process may use (README)")
+    prefetch_batches: int | None = Field(
+        default=None, ge=0, description="batches read ahead by a background thread (pinned, copied on a side stream); null: 2 on CUDA, 0 on CPU"
+    )
     progress_bar: bool = True
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     objective: str = Field(
@@ -239,7 +244,7 @@ def closest_key(key: str) -> str | None:
 def unknown_key_message(key: str) -> str:
     """``KEY: unknown key; did you mean X?`` (or where the accepted keys are listed)."""
     guess = closest_key(key)
-    hint = f"did you mean {guess}?" if guess else "see config/cfg_pretrain.yaml (or python -m jd) for the accepted keys"
+    hint = f"did you mean {guess}?" if guess else "python pretrain.py --cfg job prints every accepted key (python -m jd the jd.* values)"
     return f"{key}: unknown key; {hint}"
 
 
@@ -255,3 +260,38 @@ def _format_validation_error(error: ValidationError) -> str:
         shown = "" if problem["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{key}: {message}{shown}" if key else message)
     return "invalid config: " + "; ".join(lines)
+
+
+HYDRA_DEFAULTS = "trm_jd_defaults"
+"""The name ``config/cfg_pretrain.yaml`` lists first in its defaults: every setting's default, from this module."""
+
+
+def hydra_defaults() -> dict[str, Any]:
+    """Every setting's default as Hydra composes it, read from :class:`TrainConfig` (the one source of defaults):
+    all but ``arch`` (its config group) and the settings without a default (the config file gives the demo's).
+    Empty ``jd.*_kwargs`` are null, so that a command line can replace them with a dict.
+
+    Example:
+        >>> defaults = hydra_defaults()
+        >>> defaults["keep_last"], defaults["jd"]["split"], "lr" in defaults
+        (3, 'none', False)
+    """
+    values: dict[str, Any] = {}
+    for name, field in TrainConfig.model_fields.items():
+        if name == "arch" or field.is_required():
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        elif isinstance(default, list):
+            default = [item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in default]
+        values[name] = default
+    values["jd"]["aggregator_kwargs"] = values["jd"]["scalarizer_kwargs"] = None
+    return values
+
+
+def register_hydra_defaults() -> None:
+    """Make :func:`hydra_defaults` available to Hydra as :data:`HYDRA_DEFAULTS` (call before composing a config)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=HYDRA_DEFAULTS, node=hydra_defaults())

@@ -29,6 +29,7 @@ EXAMPLES = {
     "models.registry": 3,
     "models.sparse_embedding": 6,
     "training.cadence": 3,
+    "training.config": 2,
     "training.hard_sampling": 3,
     "training.numerics": 1,
     "training.reference_checkpoint": 3,

@@ -31,8 +31,9 @@ def test_every_config_key_is_in_the_yaml_so_the_command_line_can_set_it(arch: st
     from omegaconf import OmegaConf
     from pydantic import BaseModel
 
-    from training.config import TrainConfig
+    from training.config import TrainConfig, register_hydra_defaults
 
+    register_hydra_defaults()
     with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
         raw = OmegaConf.to_container(hydra_compose(config_name="cfg_pretrain", overrides=[f"arch={arch}"]), resolve=False)
 
