@@ -77,8 +77,13 @@ class DataFeed:
             if depth is None:
                 depth = 2 if self.dist.device.type == "cuda" else 0
             self._stream = TrainBatches(self.progress, self.total_iterations, self.train.train_batches, self._end_iteration, depth, self.dist.device)
-        batches = [self._stream.next() for _ in range(count)]
-        return None if any(batch is None for batch in batches) else batches  # type: ignore[return-value]  # None excluded above
+        batches: list[Batch] = []
+        for _ in range(count):
+            batch = self._stream.next()
+            if batch is None:
+                return None
+            batches.append(batch)
+        return batches
 
     def on_device(self, batches: list[Batch], rows: slice) -> list[Batch]:
         """Rows ``rows`` of every field of ``batches``, on the training device."""
