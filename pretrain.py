@@ -11,9 +11,10 @@ Flow: Hydra composes ``config/`` -> :func:`training.config.parse_config` validat
 run here, before any compute) -> :class:`training.trainer.Trainer` builds data, model, optimizers and
 the run directory -> ``fit()`` trains, evaluates, checkpoints and prints where the run lives.
 
-Command-line overrides (``key=value``) are composed with Hydra's compose API so that every mistake,
-Hydra's own included (an unknown preset, a malformed override), becomes one line on stderr. Hydra's
-flags (``--multirun``, ``--cfg job``, ``--help``, ...) hand the command line to ``@hydra.main``.
+Every command line goes through ``@hydra.main`` (``--multirun``, ``--cfg job``, ``--help`` included). A
+command line of overrides (``key=value``) is composed and validated first with Hydra's compose API, so that
+every mistake, Hydra's own included (an unknown preset, a malformed override), becomes one line on stderr with
+status 2 before ``@hydra.main`` composes the same config for the run.
 
 Exit status:
     0  the run finished, or was stopped by SIGTERM/SIGINT after writing a checkpoint (the last lines
@@ -150,13 +151,26 @@ def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
             raise ConfigError(unknown_key_message(key))
 
 
-def compose_config(overrides: list[str]) -> TrainConfig:
-    """The validated config of ``config/cfg_pretrain.yaml`` with command-line ``overrides``.
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse, as one-line :class:`ConfigError`, what Hydra would refuse over many lines or silently accept:
+    malformed overrides, unknown keys (with the closest one) and unknown preset names."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    Every problem, Hydra's included, is raised as a one-line :class:`ConfigError`.
-    """
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException as error:
+            raise ConfigError(f"bad override {override!r}: {one_line(error)}") from None
     check_group_choices(overrides)
     check_override_keys(overrides)
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """The validated config of ``config/cfg_pretrain.yaml`` with command-line ``overrides``, without running
+    anything (``analysis.study`` checks a grid's runs with it). Every problem, Hydra's included, is raised as a
+    one-line :class:`ConfigError`."""
+    check_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             raw = compose(config_name=CONFIG_NAME, overrides=overrides)
@@ -217,7 +231,7 @@ def execute(config_factory: Callable[[], TrainConfig], argv: list[str], outcome:
     return 0
 
 
-@hydra.main(config_path="config", config_name=CONFIG_NAME, version_base=None)
+@hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base=None)  # absolute: also when imported
 def hydra_main(raw: DictConfig) -> float:
     """Hydra's own command line (``--multirun``, sweepers, ``--cfg``, ``--help`` and other flags).
 
@@ -233,15 +247,20 @@ def hydra_main(raw: DictConfig) -> float:
 
     def config_factory() -> TrainConfig:
         check_group_choices(overrides)
-        return parse_config(raw)
+        try:
+            return parse_config(raw)
+        except OmegaConfBaseException as error:  # an interpolation that does not resolve
+            raise ConfigError(f"bad config: {one_line(error)}") from None
 
     hydra_config = HydraConfig.get()
-    if hydra_config.mode == RunMode.MULTIRUN:  # which values this trial runs (a sweeper's choice included)
-        print(f"trial {hydra_config.job.num}: {' '.join(overrides)}", flush=True)
+    if hydra_config.mode != RunMode.MULTIRUN:
+        status = execute(config_factory, overrides)
+        if status:
+            sys.exit(status)
+        return 0.0
+    print(f"trial {hydra_config.job.num}: {' '.join(overrides)}", flush=True)  # which values it runs (a sweeper's choice)
     outcome: dict = {}
-    status = execute(config_factory, overrides, outcome)
-    if status and hydra_config.mode != RunMode.MULTIRUN:
-        sys.exit(status)
+    execute(config_factory, overrides, outcome)
     value = outcome["objective"]
     if value != value:  # NaN: the worst value for the sweeper's direction instead
         minimising = str(hydra_config.sweeper.get("direction", "maximize")).lower().endswith("minimize")
@@ -251,17 +270,27 @@ def hydra_main(raw: DictConfig) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``pretrain.py`` with command-line arguments ``argv`` (``sys.argv[1:]`` by default); return the exit status."""
+    """Run ``pretrain.py`` with command-line arguments ``argv`` (``sys.argv[1:]`` by default); return the exit status.
+
+    Every run goes through ``@hydra.main`` (one config path); a command line of overrides only is composed and
+    validated first (:func:`compose_config`, nothing run), so that its mistakes, Hydra's own included, are one
+    ``error:`` line with status 2 rather than Hydra's report."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if any(arg.startswith("-") for arg in args):
-        saved = sys.argv
-        sys.argv = [sys.argv[0], *args]
+    if not any(arg.startswith("-") for arg in args):  # Hydra's flags (--multirun, --cfg, ...) take their values apart
         try:
-            hydra_main()
-        finally:
-            sys.argv = saved
-        return 0
-    return execute(lambda: compose_config(args), args)
+            compose_config(args)
+        except ConfigError as error:
+            report(f"error: {one_line(error)}")
+            return EXIT_BAD_INPUT
+    saved = sys.argv
+    sys.argv = [sys.argv[0], *args]
+    try:
+        hydra_main()
+    except SystemExit as stop:  # a run's status (hydra_main exits with it), or Hydra's own
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+    finally:
+        sys.argv = saved
+    return 0
 
 
 if __name__ == "__main__":
