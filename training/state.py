@@ -27,9 +27,6 @@ class Progress:
     consecutive_nonfinite: int = 0
     eval_pending: int = 0  # 1: the evaluation due at this step has not finished (it is redone on resume)
 
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
     def state_dict(self) -> dict[str, int]:
         """The record as plain ints (the checkpoint's ``progress``)."""
         return asdict(self)

@@ -84,9 +84,7 @@ class Trainer:
         self.progress = Progress()
         self.data = DataFeed(config, dist_info, self.progress)  # validated before anything heavy is built
         self.jd_step = jd_step_for(config, dist_info, self.data)
-        self.supervision_steps = self.jd_step.split.supervision_steps(config.arch.halt_max_steps)
-        self.batches_per_step = self.jd_step.split.batches_per_step(config.arch.halt_max_steps)
-        estimated = self.data.estimated_steps(self.batches_per_step)
+        estimated = self.data.estimated_steps(self.jd_step.split.batches_per_step(config.arch.halt_max_steps))
         self.total_steps = min(estimated, config.max_steps) if config.max_steps else estimated
         self.model, init_notes = model_for(config, dist_info, self.data, init_path)
         self.loss_head = loss_head_for(config, self.model)
@@ -199,7 +197,7 @@ class Trainer:
         Raises :class:`NonFiniteError` when an update leaves the parameters non-finite.
         """
         before = (self.progress.iteration, self.progress.batch_in_iteration)
-        batches = self.data.next_batches(self.batches_per_step)
+        batches = self.data.next_batches(self.supervision.batches_per_step)
         if batches is None:
             return None
         started = time.perf_counter()

@@ -20,7 +20,7 @@ import torch
 
 from pretrain import run
 from tests.conftest import FIXTURES, compose
-from tests.fixtures.previous_release.make_previous_release_fixture import OVERRIDES
+from tests.fixtures.previous_release.make_previous_release_fixture import fixture_overrides
 from training.checkpoint import list_checkpoints, load_checkpoint
 
 FIXTURE = FIXTURES / "previous_release"
@@ -55,7 +55,7 @@ def _assert_same(expected: Any, actual: Any, where: str, exact: bool) -> None:
 def test_a_previous_release_checkpoint_resumes_bit_exactly(tmp_path: Path) -> None:
     data = tmp_path / "sudoku4"
     shutil.copytree(FIXTURE / "sudoku4", data)
-    overrides = [f"{k}={v}" for k, v in OVERRIDES.items()] + [f"data_paths=[{data}]", f"runs_root={tmp_path / 'runs'}"]
+    overrides = fixture_overrides(data, tmp_path / "runs")
     summary = run(compose(overrides + ["run_name=resumed", f"load_checkpoint={FIXTURE / 'step_00000004.pt'}"]))
     assert summary["final_step"] == 8
     run_dir = Path(summary["run_dir"])

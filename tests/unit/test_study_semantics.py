@@ -146,7 +146,7 @@ def test_the_same_batch_loop_reads_one_batch_and_stops_when_all_halted(sudoku_da
         tmp_path,
         **{"jd.split": "stack_supervisions", "jd.max_supervisions": 3, "arch.halt_max_steps": 3, "arch.halt_exploration_prob": 0.0, "run_name": "sb"},
     )
-    assert trainer.batches_per_step == 1 and trainer.supervision_steps == 3
+    assert trainer.supervision.batches_per_step == 1 and trainer.supervision.supervision_steps == 3
     metrics = trainer.step()
     assert metrics["jd/num_objectives"] == 3 and trainer.progress.batch_in_iteration == 1  # one batch for three steps
     carry = trainer.supervision.carries[0]  # every sample halted: the next step loads its own batch whole (a fresh start)
@@ -160,7 +160,7 @@ def test_the_same_batch_loop_reads_one_batch_and_stops_when_all_halted(sudoku_da
         tmp_path,
         **{"jd.split": "stack_supervisions", "jd.supervision_loop": "carry", "jd.max_supervisions": 3, "arch.halt_max_steps": 3, "run_name": "carry"},
     )
-    assert carry_run.batches_per_step == 3
+    assert carry_run.supervision.batches_per_step == 3
     carry_run.step()
     assert carry_run.progress.batch_in_iteration == 3
 
