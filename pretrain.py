@@ -41,6 +41,12 @@ def _stopped_while_importing(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def _stopped_at_once(signum: int, _frame: FrameType | None) -> None:
+    """Outside the start-up and training phases (which say more: training.interrupt), e.g. while a failed run shuts down."""
+    os.write(2, f"\n{signal.Signals(signum).name} received: stopped at once (the checkpoints already written are kept)\n".encode())
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":  # before the heavy imports (torch, hydra: seconds), so that a signal then is not silent
     for _signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(_signal, _stopped_while_importing)
@@ -276,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     validated first (:func:`compose_config`, nothing run), so that its mistakes, Hydra's own included, are one
     ``error:`` line with status 2 rather than Hydra's report."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if __name__ == "__main__":  # imports done: the start-up message would mislead from here on (run() installs its own)
+        for handled in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(handled, _stopped_at_once)
     if not any(arg.startswith("-") for arg in args):  # Hydra's flags (--multirun, --cfg, ...) take their values apart
         try:
             compose_config(args)

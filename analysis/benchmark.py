@@ -47,6 +47,7 @@ from models.registry import build_model, compile_core
 from models.sparse_embedding import SignSGDSparseEmbedding
 from training.state import capture_rng
 from training.supervision import SupervisionLoop
+from training.threads import choose_threads
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's ARC-AGI model: hidden 512, 8 heads, 2 layers, H=3, L=4, 900 cells + 16 puzzle positions.
@@ -232,8 +233,8 @@ class _Variant:
     def step(self) -> dict[str, float]:
         """One optimizer step; returns the JD step's metrics."""
         famo = (self.carry, capture_rng()) if self.scalarizer is not None and self.scalarizer.updates_after_step else None
-        with self.jd_step.forward_context(self.model, self.batch_size):
-            self.carry, steps = self.loop.run(self.carry, self.batches)
+        with self.jd_step.forward_context(self.model, self.batch_size) as weights:
+            self.carry, steps = self.loop.run(self.carry, self.batches, weights=weights)
             metrics = self.jd_step.backward(steps, self.params, [rows for _, rows in self.embedding.pending_rows()])
         self.jd_step.finish(self.params)
         self.optimizer.step()
@@ -254,6 +255,8 @@ def _peak_resident_mib() -> float:
 
 def _variant_in_child(queue: Any, name: str, preset: dict[str, Any], jd_values: dict[str, Any], options: dict[str, Any]) -> None:
     """Entry point of an isolated variant (``--isolate``): run it and send back its result or error."""
+    options = dict(options)
+    torch.set_num_threads(options.pop("threads"))  # a spawned process starts with torch's default again
     try:
         queue.put(run_variant(name, preset, jd_values, prime=options["device"].type == "cpu", **options))
     except Exception as error:  # noqa: BLE001 - reported by the parent like an in-process failure
@@ -304,7 +307,7 @@ def time_projectors(sizes: list[int], device: torch.device, repeats: int = 5) ->
 
 def to_markdown(results: list[Result], header: dict[str, Any], projectors: list[dict[str, Any]] | None = None) -> str:
     lines = [
-        f"Benchmark: preset `{header['preset']}`, {header['device_name']}, compile={header['compile']}, "
+        f"Benchmark: preset `{header['preset']}`, {header['device_name']}, compile={header['compile']}, threads={header.get('threads')}, "
         f"batch {header['batch_size']}, median of {header['steps']} steps after {header['warmup']} warm-up.",
         "",
         "| variant | split | engine | m | ms/step | x GD | min ms | peak MiB | mem x GD | GD similarity |",
@@ -361,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engines", default="auto", help="comma-separated jd.engine values to try for JD variants")
     parser.add_argument("--aggregator", default="upgrad")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: training's rule, threads=null)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for benchmark-<preset>-<device>[-eager].{json,md}")
@@ -374,6 +378,7 @@ class _Settings:
 
     device: torch.device
     compile_model: bool
+    threads: int
     isolate: bool
     projector_sizes: list[int]
     preset: dict[str, Any]
@@ -401,7 +406,10 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> _Set
     if not args.overwrite and (out_json.exists() or out_md.exists()):
         parser.error(f"{out_json} exists; pass --overwrite or another --out")
     isolate = device.type == "cpu" if args.isolate is None else args.isolate
-    return _Settings(device, compile_model, isolate, projector_sizes, preset, out_json, out_md)
+    threads, note = choose_threads(args.threads, device)  # training's rule: never a function of the machine's load
+    if note:
+        print(note, file=sys.stderr)
+    return _Settings(device, compile_model, threads, isolate, projector_sizes, preset, out_json, out_md)
 
 
 def _header(args: argparse.Namespace, settings: _Settings, argv: list[str] | None) -> dict[str, Any]:
@@ -411,6 +419,7 @@ def _header(args: argparse.Namespace, settings: _Settings, argv: list[str] | Non
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "compile": settings.compile_model,
+        "threads": settings.threads,
         "batch_size": settings.preset["batch_size"],
         "warmup": args.warmup,
         "steps": args.steps,
@@ -432,7 +441,10 @@ def _measure(label: str, values: dict[str, Any], engine: str, args: argparse.Nam
     device = settings.device
     options = dict(device=device, compile_model=settings.compile_model, warmup=args.warmup, steps=args.steps)
     try:
-        result = (run_isolated if settings.isolate else run_variant)(label, settings.preset, values, **options)
+        if settings.isolate:
+            result = run_isolated(label, settings.preset, values, threads=settings.threads, **options)
+        else:
+            result = run_variant(label, settings.preset, values, **options)
     except Exception as error:  # noqa: BLE001 - a failing variant is reported, the others still run
         result = Result(label, values["split"], args.aggregator, engine, 0, 1, float("nan"), error=f"{type(error).__name__}: {error}".splitlines()[0])
         if device.type == "cuda":
@@ -454,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = _settings(args, parser)
+    torch.set_num_threads(settings.threads)
     if settings.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     header = _header(args, settings, argv)

@@ -1,8 +1,11 @@
 """Evaluate a checkpoint without training.
 
-    python -m analysis.evaluate runs/sudoku4/my-run                       # newest checkpoint, its own eval data
+    python -m analysis.evaluate runs/sudoku4/my-run                       # best checkpoint, its own eval data
+    python -m analysis.evaluate runs/sudoku4/my-run --last                # its newest checkpoint
     python -m analysis.evaluate runs/arc1/run/checkpoints/step_00010000.pt --evaluators arc,exact
     python -m analysis.evaluate RUN --data data/other-sudoku --no-ema --max-batches all --out results/other
+    python -m analysis.evaluate RUN --steps 1,2,4,8,16,32 --halt max,q   # accuracy against depth; depth.png
+    python -m analysis.evaluate RUN --puzzle-ids true,blank,random       # does the model need the puzzle ID?
     torchrun --nproc-per-node 4 -m analysis.evaluate RUN
 
 A reference TRM checkpoint (``checkpoint_path/step_N`` of the reference code, its HRM, or the JD study's
@@ -39,13 +42,16 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor
 
+from analysis.depth import depth_table, halting_summary, plot_depth, summary_lines
 from dataset.atomic import atomic_write_text
 from dataset.common import DatasetError, DatasetMetadata, read_metadata
 from dataset.puzzle_dataset import PuzzleDataset
+from evaluators.depth import DepthEvaluation, parse_depths, parse_halt_rules
+from evaluators.puzzle_ids import IdentifierVariant, identifier_table, parse_identifier_variants
 from models.losses import ACTLossHead
 from models.recursive_reasoning.act import ACTModel
 from models.registry import build_model
-from training.checkpoint import CheckpointError, load_checkpoint, read_state, resolve_checkpoint
+from training.checkpoint import BEST_NAME, BEST_RAW_NAME, CheckpointError, load_checkpoint, read_state, resolve_weights
 from training.config import EVALUATOR_NAMES, ConfigError, EvaluatorConfig, TrainConfig, parse_config
 from training.distributed import DistInfo, setup_distributed, teardown_distributed
 from training.evaluation import ExampleProgress, build_evaluators, evaluate
@@ -95,15 +101,18 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ loading
 def read_checkpoint(
-    checkpoint_or_run: str | Path, *, overrides: dict[str, Any] | None = None, data_paths: list[str] | None = None
+    checkpoint_or_run: str | Path, *, overrides: dict[str, Any] | None = None, data_paths: list[str] | None = None, newest: bool = False
 ) -> tuple[Path, dict[str, Any], TrainConfig, DataSizes]:
     """Resolve a checkpoint file or run directory (or a reference ``step_N``) and read it on the CPU.
+
+    A run directory gives its best checkpoint when it keeps one (``newest``: its newest step); which one
+    is printed.
 
     Returns ``(path, state, config, sizes)``; raises :class:`CheckpointError` when the file is missing,
     unreadable, or lacks a valid config or dataset sizes. ``overrides`` (dotted config keys) and
     ``data_paths`` apply to reference checkpoints, whose config may be absent and whose data is elsewhere.
     """
-    path = resolve_checkpoint(checkpoint_or_run)
+    path = resolve_weights(checkpoint_or_run, newest=newest)
     raw = read_state(path)
     if is_reference_state(raw):
         return _read_reference(path, raw, overrides, data_paths)
@@ -112,6 +121,8 @@ def read_checkpoint(
     state = load_checkpoint(path, map_location="cpu")
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path}: the checkpoint holds no training config, so the model cannot be rebuilt")
+    if path.name in (BEST_NAME, BEST_RAW_NAME) and Path(checkpoint_or_run).is_dir():
+        state = {**state, "chosen": f"{checkpoint_or_run}: its best checkpoint, {describe_best(path, state)} (--last: its newest)"}
     try:
         config = parse_config(state["config"])
     except ConfigError as error:
@@ -122,6 +133,16 @@ def read_checkpoint(
     except (TypeError, KeyError, ValueError):
         raise CheckpointError(f"{path}: the checkpoint lacks its dataset sizes ('data' with seq_len, vocab_size, num_puzzle_identifiers)") from None
     return path, state, config, sizes
+
+
+def describe_best(path: Path, state: dict[str, Any]) -> str:
+    """``best.pt (step 120, eval/exact_accuracy = 0.91, EMA weights)``, from the record the checkpoint holds."""
+    best: dict[str, Any] = state["best"] if isinstance(state.get("best"), dict) else {}
+    kind = "raw" if path.name == BEST_RAW_NAME else "ema" if state.get("ema") is not None else "weights"
+    record = (best.get("records") or {}).get(kind) or {}
+    weights = {"raw": ", live weights", "ema": ", EMA weights"}.get(kind, "")
+    value = f", {best.get('metric')} = {record['value']:.6g}" if "value" in record else ""
+    return f"{path.name} (step {int(state.get('step', 0))}{value}{weights})"
 
 
 def _read_reference(
@@ -176,14 +197,17 @@ def model_from_checkpoint(
     from training.checkpoint import load_model_state  # the trainer's loader: same key handling and errors
 
     ema_state = state.get("ema")
+    if use_ema is None and path.name == BEST_RAW_NAME:
+        use_ema = False  # the live weights' best
     if use_ema and ema_state is None:
         raise EvalInputError(f"--ema: {path} holds no EMA weights (its run had ema=false); drop --ema or pass --no-ema")
     model = build_model(
         config.arch, seq_len=sizes.seq_len, vocab_size=sizes.vocab_size, num_puzzle_identifiers=sizes.num_puzzle_identifiers, device=device
     )
     load_model_state(model, state["model"], path)
-    if state.get("reference_report"):
-        print(state["reference_report"], file=sys.stderr)
+    for report in ("reference_report", "chosen"):  # printed once the model has loaded: a refusal stays the only line
+        if state.get(report):
+            print(state[report], file=sys.stderr)
     uses_ema = ema_state is not None and use_ema is not False
     if ema_state is not None and uses_ema:
         copy_ema_weights_(model, ema_state, path)
@@ -328,66 +352,171 @@ def _agree_on(value: Any, dist_info: DistInfo) -> Any:
     return value
 
 
-def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
-    """Validate everything, evaluate, write ``metrics.json`` (rank 0); return the record written."""
-    path, state, config, sizes = read_checkpoint(args.checkpoint, overrides=parse_overrides(args.set), data_paths=args.data)  # cheap checks first
-    step = int(state.get("step", 0))
+@dataclass
+class EvalPlan:
+    """Everything a standalone evaluation runs with, validated before the model is built."""
+
+    path: Path
+    loaded: LoadedCheckpoint
+    data: PuzzleDataset
+    data_paths: list[str]
+    evaluator_configs: list[EvaluatorConfig]
+    batch_size: int
+    max_batches: int | None
+    out_dir: Path
+
+
+def plan_evaluation(args: argparse.Namespace, dist_info: DistInfo) -> EvalPlan:
+    """Read the checkpoint and check every argument, the data and the output folder; then build the model."""
+    path, state, config, sizes = read_checkpoint(args.checkpoint, overrides=parse_overrides(args.set), data_paths=args.data, newest=args.last)
     data_paths = list(args.data) if args.data else config.eval_paths
     batch_size = config.global_batch_size // config.grad_accum_steps if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise EvalInputError(f"--batch-size {batch_size}: must be positive")
     max_batches = _max_batches(args.max_batches, config.eval_max_batches)
     evaluator_configs = config.evaluators if args.evaluators is None else parse_evaluator_names(args.evaluators, config.evaluators)
-
     data = PuzzleDataset(data_paths, "test", batch_size, rank=dist_info.rank, world_size=dist_info.world_size, seed=config.seed)
     check_dataset_fits(data.metadata, sizes, config.arch.puzzle_emb_ndim > 0, ", ".join(data_paths), path)
-    evaluators = build_evaluators(evaluator_configs, data_paths)
-
+    build_evaluators(evaluator_configs, data_paths)  # their own checks (ARC's test puzzles) before any compute
+    check_variants(args, config, data.metadata)
     choice: Any = None
     if dist_info.is_main:
         try:
-            choice = choose_output_dir(Path(args.out) if args.out else None, run_dir_of(path), step, args.overwrite)
+            choice = choose_output_dir(Path(args.out) if args.out else None, run_dir_of(path), int(state.get("step", 0)), args.overwrite)
         except EvalInputError as error:
             choice = error
     out_dir: Path = _agree_on(choice, dist_info)
-
     loaded = model_from_checkpoint(path, state, config, sizes, device=dist_info.device, use_ema=args.ema)
-    total = data.num_test_batches() if max_batches is None else min(max_batches, data.num_test_batches())
+    return EvalPlan(path, loaded, data, data_paths, evaluator_configs, batch_size, max_batches, out_dir)
+
+
+def check_variants(args: argparse.Namespace, config: TrainConfig, metadata: DatasetMetadata) -> None:
+    """``--steps``/``--halt`` and ``--puzzle-ids``: valid values, and one kind of sweep at a time."""
+    if args.steps:
+        try:
+            parse_depths(args.steps)
+        except ValueError as error:
+            raise EvalInputError(str(error)) from None
+        parse_halt(args.halt, no_act=config.arch.no_act)
+    elif args.halt is not None:
+        raise EvalInputError("--halt chooses the halting rules of a --steps evaluation; give --steps too (e.g. --steps 1,2,4,8,16)")
+    if args.puzzle_ids is None:
+        return
+    if args.steps:
+        raise EvalInputError("--steps and --puzzle-ids: give one of them per command")
+    try:
+        variants = parse_identifier_variants(args.puzzle_ids)
+    except ValueError as error:
+        raise EvalInputError(str(error)) from None
+    if config.arch.puzzle_emb_ndim == 0:
+        raise EvalInputError("--puzzle-ids: this model has no puzzle embedding (arch.puzzle_emb_ndim=0), so it never reads the identifier")
+    if "random" in variants and metadata.num_puzzle_identifiers < 3:
+        raise EvalInputError(
+            f"--puzzle-ids random: the dataset has {metadata.num_puzzle_identifiers} identifier(s) (the blank one included); "
+            "another puzzle's identifier needs at least two puzzles"
+        )
+
+
+def parse_halt(text: str | None, no_act: bool = False) -> tuple[str, ...]:
+    """``--halt`` (default ``max``) as halting rules; a bad value is an :class:`EvalInputError`."""
+    try:
+        return parse_halt_rules(text or "max", no_act)
+    except ValueError as error:
+        raise EvalInputError(str(error)) from None
+
+
+def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
+    """Validate everything, evaluate, write ``metrics.json`` (rank 0); return the record written."""
+    plan = plan_evaluation(args, dist_info)
+    loaded, data = plan.loaded, plan.data
+    total = data.num_test_batches() if plan.max_batches is None else min(plan.max_batches, data.num_test_batches())
     if dist_info.is_main:
         weights = "EMA" if loaded.uses_ema else "live (non-EMA)"
+        capped = f" (capped by max_batches={plan.max_batches})" if plan.max_batches is not None else ""
         print(
-            f"Evaluating {path} (step {loaded.step}, {weights} weights) on {', '.join(data_paths)}: {data.total_examples} test examples, "
-            f"{total} batches of {batch_size}{f' (capped by max_batches={max_batches})' if max_batches is not None else ''}",
+            f"Evaluating {plan.path} (step {loaded.step}, {weights} weights) on {', '.join(plan.data_paths)}: {data.total_examples} test "
+            f"examples, {total} batches of {plan.batch_size}{capped}",
             flush=True,
         )
-    metrics = evaluate(
-        loaded.loss_head,
-        ExampleProgress(data, max_batches=max_batches, enabled=dist_info.is_main and not args.quiet),
-        evaluators,
-        dist_info,
-        global_batch_size=config.global_batch_size,  # the trainer's loss scale, so logged losses match bit for bit
-        max_batches=max_batches,
-        save_dir=out_dir if dist_info.is_main else None,
-    )
-    record = {
-        "checkpoint": str(path),
+    record: dict[str, Any] = {
+        "checkpoint": str(plan.path),
         "step": loaded.step,
         "ema": loaded.uses_ema,
-        "data_paths": data_paths,
-        "batch_size": batch_size,
-        "max_batches": max_batches,
-        "evaluators": [evaluator.name for evaluator in evaluator_configs],
+        "data_paths": plan.data_paths,
+        "batch_size": plan.batch_size,
+        "max_batches": plan.max_batches,
+        "evaluators": [evaluator.name for evaluator in plan.evaluator_configs],
         "world_size": dist_info.world_size,
         "device": str(dist_info.device),
-        "metrics": metrics,
     }
+    if args.steps:
+        record.update(evaluate_depths(plan, parse_depths(args.steps), parse_halt(args.halt), dist_info, quiet=args.quiet))
+    elif args.puzzle_ids is not None:
+        record.update(evaluate_identifier_variants(plan, parse_identifier_variants(args.puzzle_ids), dist_info, quiet=args.quiet))
+    else:
+        record["metrics"] = _evaluate_once(plan, dist_info, plan.data, plan.out_dir, quiet=args.quiet)
+        if dist_info.is_main:
+            _print_metrics(record["metrics"])
     if dist_info.is_main:
-        write_json_atomically(out_dir / "metrics.json", record)
-        width = max((len(key) for key in metrics), default=0)
-        for key in sorted(metrics):
-            print(f"  {key:<{width}}  {metrics[key]:.6g}")
-        print(f"Wrote {out_dir / 'metrics.json'}", flush=True)
+        write_json_atomically(plan.out_dir / "metrics.json", record)
+        print(f"Wrote {plan.out_dir / 'metrics.json'}", flush=True)
     return record
+
+
+def _evaluate_once(plan: EvalPlan, dist_info: DistInfo, data: Any, save_dir: Path, *, quiet: bool, desc: str = "evaluating") -> dict[str, float]:
+    """The trainer's evaluation of ``data`` (a test split, or one with its identifiers replaced)."""
+    return evaluate(
+        plan.loaded.loss_head,
+        ExampleProgress(data, max_batches=plan.max_batches, enabled=dist_info.is_main and not quiet, desc=desc),
+        build_evaluators(plan.evaluator_configs, plan.data_paths),
+        dist_info,
+        global_batch_size=plan.loaded.config.global_batch_size,  # the trainer's loss scale, so logged losses match bit for bit
+        max_batches=plan.max_batches,
+        save_dir=save_dir if dist_info.is_main else None,
+    )
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    width = max((len(key) for key in metrics), default=0)
+    for key in sorted(metrics):
+        print(f"  {key:<{width}}  {metrics[key]:.6g}")
+
+
+def evaluate_depths(plan: EvalPlan, depths: list[int], rules: tuple[str, ...], dist_info: DistInfo, *, quiet: bool) -> dict[str, Any]:
+    """Scores at every step budget under every halting rule: the table, the summary and ``depth.png`` (rank 0)."""
+    depth = DepthEvaluation(plan.loaded.model, depths, rules, lambda: build_evaluators(plan.evaluator_configs, plan.data_paths))
+    examples = ExampleProgress(plan.data, max_batches=plan.max_batches, enabled=dist_info.is_main and not quiet, desc="evaluating depths")
+    for index, batch in enumerate(examples.test_batches()):
+        if plan.max_batches is not None and index >= plan.max_batches:
+            break
+        depth.update_batch({key: value.to(dist_info.device) for key, value in batch.items()})
+    results = depth.result(dist_info.rank, dist_info.world_size)
+    if not dist_info.is_main:
+        return {}
+    summary = halting_summary(results)
+    halt_max_steps = plan.loaded.config.arch.halt_max_steps
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    plot_depth(results, plan.out_dir / "depth.png", halt_max_steps)
+    print("\n".join(depth_table(results) + summary_lines(summary)) + f"\nWrote {plan.out_dir / 'depth.png'}", flush=True)
+    return {
+        "halt_max_steps": halt_max_steps,
+        "depth": {rule: {str(d): row for d, row in rows.items()} for rule, rows in results.items()},
+        "halting": summary,
+    }
+
+
+def evaluate_identifier_variants(plan: EvalPlan, variants: tuple[str, ...], dist_info: DistInfo, *, quiet: bool) -> dict[str, Any]:
+    """The evaluation with each kind of puzzle identifier, side by side (rank 0 prints the table)."""
+    by_variant: dict[str, dict[str, float]] = {}
+    for variant in variants:
+        data = IdentifierVariant(plan.data, variant, seed=plan.loaded.config.seed)
+        by_variant[variant] = _evaluate_once(
+            plan, dist_info, data, plan.out_dir / f"puzzle_ids-{variant}", quiet=quiet, desc=f"identifiers: {variant}"
+        )
+    if not dist_info.is_main:
+        return {}
+    print("\n".join(identifier_table(by_variant)), flush=True)
+    return {"metrics": by_variant[variants[0]], "puzzle_ids": by_variant}
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -398,8 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "checkpoint",
-        help="a checkpoint file (checkpoints/step_N.pt), a run directory (its newest checkpoint), or a reference TRM step_N (or its folder)",
+        help="a checkpoint file (checkpoints/step_N.pt, best.pt), a run directory (its best checkpoint when it keeps one, else its newest), "
+        "or a reference TRM step_N (or its folder)",
     )
+    parser.add_argument("--last", action="store_true", help="a run directory: its newest checkpoint rather than its best")
     parser.add_argument("--data", nargs="+", default=None, metavar="PATH", help="dataset folder(s) to evaluate on (default: the run's eval data)")
     parser.add_argument(
         "--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: when the checkpoint has them)"
@@ -418,6 +549,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="KEY=VALUE",
         help="reference checkpoints: a config value (e.g. arch.num_heads=8) over all_config.yaml, the weights and the reference's defaults",
+    )
+    parser.add_argument(
+        "--steps",
+        default=None,
+        metavar="N,N,...",
+        help="score after each of these supervision-step budgets (beyond halt_max_steps too): a table and depth.png",
+    )
+    parser.add_argument(
+        "--halt", default=None, metavar="max,q", help="with --steps: max runs to the budget, q halts where the Q-head says (default: max)"
+    )
+    parser.add_argument(
+        "--puzzle-ids",
+        default=None,
+        metavar="true,blank,random",
+        help="evaluate with the true identifiers, the blank one, another puzzle's, side by side",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -36,7 +36,7 @@ from jd.per_sample_engine import per_sample_update
 from jd.splits import SplitSpec, group_objectives
 from jd.update import JDUpdate
 from models.loss_terms import LossTerms
-from models.per_sample import per_sample_parameters
+from models.per_sample import PerSampleWeights, per_sample_weights
 
 
 class SplitObjectives:
@@ -65,8 +65,9 @@ class Engine(Protocol):
     reduces_after: bool
     """Its gradients are rank-local: the step sums them over ranks once per optimizer step."""
 
-    def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[Any]:
-        """Wraps a micro-batch's forwards and backward (the per-sample weights; a no-op elsewhere)."""
+    def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[PerSampleWeights | None]:
+        """Wraps a micro-batch's forwards and backward; yields the weights the forwards must be called with
+        (:class:`models.per_sample.PerSampleWeights` for the per-sample engine, ``None`` elsewhere)."""
         ...
 
     def update(self, steps: Sequence[LossTerms], params: list[Tensor], rows: list[Tensor]) -> JDUpdate:
@@ -80,7 +81,7 @@ class _EngineBase:
     def __init__(self, name: str, config: JDConfig, objectives: SplitObjectives, aggregators: AggregatorCache, collective: Collective) -> None:
         self.name, self.config, self.objectives, self.aggregators, self.collective = name, config, objectives, aggregators, collective
 
-    def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[Any]:
+    def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[PerSampleWeights | None]:
         return contextlib.nullcontext()
 
     def update(self, steps: Sequence[LossTerms], params: list[Tensor], rows: list[Tensor]) -> JDUpdate:
@@ -126,15 +127,15 @@ class PerSampleEngine(_EngineBase):
         self._fallback = JacobianEngine("gramian", *args[1:])
 
     @contextlib.contextmanager
-    def _scope(self, model: nn.Module, batch_size: int) -> Iterator[None]:
-        with per_sample_parameters(model, batch_size) as leaves:
-            self._leaves = leaves
-            try:
-                yield
-            finally:
-                self._leaves = None
+    def _scope(self, model: nn.Module, batch_size: int) -> Iterator[PerSampleWeights]:
+        weights = per_sample_weights(model, batch_size)
+        self._leaves = weights.by_parameter
+        try:
+            yield weights
+        finally:
+            self._leaves = None
 
-    def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[Any]:
+    def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[PerSampleWeights | None]:
         return self._scope(model, batch_size)
 
     def update(self, steps: Sequence[LossTerms], params: list[Tensor], rows: list[Tensor]) -> JDUpdate:

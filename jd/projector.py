@@ -57,8 +57,9 @@ class PivotingProjector(DualConeProjector):
     """Solves :meth:`DualConeProjector.__call__`'s quadratic programs by batched block principal pivoting.
 
     Args:
-        norm_eps: the Gramian is divided by its trace unless the trace is below ``norm_eps`` (then
-            it is taken as zero), as TorchJD's projector does.
+        norm_eps: with ``reg_eps > 0``, the Gramian is divided by its trace unless the trace is below
+            ``norm_eps`` (then it is taken as zero), as TorchJD's projector does; the exact programs
+            (``reg_eps = 0``) rescale any non-zero Gramian, since their solution does not depend on its scale.
         reg_eps: added to the normalised Gramian's diagonal. ``0`` (the default): the exact,
             conflict-free programs (see the module docstring); TorchJD's default is ``1e-4``.
         max_iterations: pivoting iterations before the programs still unsolved fall back (to the
@@ -119,9 +120,13 @@ class PivotingProjector(DualConeProjector):
 
 
 def _regularized(gramian: Tensor, norm_eps: float, reg_eps: float) -> Tensor:
-    """``G / trace(G) + reg_eps I`` (``reg_eps I`` alone when the trace is below ``norm_eps``)."""
+    """``G / trace(G) + reg_eps I``. Regularised (``reg_eps > 0``, TorchJD's programs): ``reg_eps I`` alone when the
+    trace is below ``norm_eps``, as TorchJD does. Exact (``reg_eps = 0``): the programs do not depend on the
+    Gramian's scale, so any non-zero Gramian is rescaled, however small (a tiny one is not taken as zero,
+    which would return the mean and could conflict with an objective); only a zero Gramian stays zero."""
     trace = gramian.diagonal().sum()
-    normalized = torch.where(trace < norm_eps, torch.zeros_like(gramian), gramian / trace)
+    negligible = trace < norm_eps if reg_eps > 0 else trace <= 0
+    normalized = torch.where(negligible, torch.zeros_like(gramian), gramian / trace)
     return normalized + reg_eps * torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
 
 

@@ -57,6 +57,8 @@ TENSOR_ARGUMENTS = frozenset({"weights", "reference", "min_losses"})
 """Keyword arguments given as lists and passed as tensors (one entry per objective)."""
 HISTORY = frozenset({"dwa"})
 """Scalarizers that keep per-objective history across steps."""
+STATEFUL_SCALARIZERS = SIZED | HISTORY
+"""Scalarizers whose weights carry state from step to step, per objective (learned, or a loss history)."""
 
 
 def scalarizer_names() -> list[str]:

@@ -36,11 +36,10 @@ class CastedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(trunc_normal_(torch.empty(out_features, in_features), std=1.0 / math.sqrt(in_features)))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.per_sample: dict[str, Tensor] | None = None  # set by models.per_sample.per_sample_parameters
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.per_sample is not None:
-            return _per_sample_linear(x, self.per_sample["weight"], self.per_sample.get("bias"))
+        if self.weight.dim() == 3:  # per-sample weights [B, out, in] (models.per_sample)
+            return _per_sample_linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
@@ -51,8 +50,8 @@ def _per_sample_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     batch = x.shape[0]
     flat = x.reshape(batch, -1, x.shape[-1])
     out = _PerSampleLinear.apply(flat, weight)
-    if bias is not None:
-        out = out + bias.to(x.dtype).unsqueeze(1)
+    if bias is not None:  # per-sample [B, out], or shared [out] when it is frozen
+        out = out + (bias.to(x.dtype).unsqueeze(1) if bias.dim() == 2 else bias.to(x.dtype))
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
@@ -88,19 +87,17 @@ class CastedEmbedding(nn.Module):
         super().__init__()
         self.cast_to = cast_to
         self.weight = nn.Parameter(trunc_normal_(torch.empty(num_embeddings, embedding_dim), std=init_std))
-        self.per_sample: dict[str, Tensor] | None = None  # set by models.per_sample.per_sample_parameters
 
     def forward(self, ids: Tensor) -> Tensor:
-        if self.per_sample is not None:
-            table = self.per_sample["weight"].to(self.cast_to)  # [B, num_embeddings, dim]
+        if self.weight.dim() == 3:  # per-sample tables [B, num_embeddings, dim] (models.per_sample)
+            table = self.weight.to(self.cast_to)
             rows = torch.arange(ids.shape[0], device=ids.device).view(-1, *([1] * (ids.ndim - 1)))
             return table[rows, ids]
         return F.embedding(ids, self.weight.to(self.cast_to))
 
     def table(self) -> Tensor:
         """The whole table (``[B, N, D]`` per sample in per-sample mode), cast to the forward dtype."""
-        weight = self.per_sample["weight"] if self.per_sample is not None else self.weight
-        return weight.to(self.cast_to)
+        return self.weight.to(self.cast_to)
 
 
 class RotaryEmbedding(nn.Module):

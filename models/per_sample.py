@@ -1,65 +1,86 @@
 """Per-sample gradients in one backward pass, for instance-wise Jacobian descent.
 
-Inside :func:`per_sample_parameters`, every :class:`~models.layers.CastedLinear` and
-:class:`~models.layers.CastedEmbedding` of a model computes sample ``b``'s output with its own copy
-of the weights: a leaf tensor ``[B, *weight.shape]`` that is a zero-copy broadcast view of the shared
-weight. One backward pass of a loss whose ``b``-th term depends on sample ``b`` alone then leaves in
-each leaf's ``.grad`` the ``B`` per-sample gradients — the rows of the IWRM Jacobian — for the
-FLOPs of one ordinary backward (the weight gradient is computed per sample instead of summed).
-Plain autograd does the work, so it also runs under ``torch.compile``.
+:func:`per_sample_weights` makes, for every trainable parameter of a model's
+:class:`~models.layers.CastedLinear` and :class:`~models.layers.CastedEmbedding` layers, a leaf tensor
+``[B, *weight.shape]`` that is a zero-copy broadcast view of the shared weight. Calling the model with
+them (:meth:`PerSampleWeights.call`, which passes them explicitly through ``torch.func.functional_call``)
+computes sample ``b``'s output with its own copy of the weights: the layers see a weight with a leading
+batch dimension and take their per-sample path. One backward pass of a loss whose ``b``-th term depends
+on sample ``b`` alone then leaves in each leaf's ``.grad`` the ``B`` per-sample gradients — the rows of
+the IWRM Jacobian — for the FLOPs of one ordinary backward (the weight gradient is computed per sample
+instead of summed). Plain autograd does the work, so it also runs under ``torch.compile``. The module
+itself is never modified.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
-import torch  # noqa: F401 - the docstring example uses it
+import torch
 from torch import Tensor, nn
 
 from models.layers import CastedEmbedding, CastedLinear
 
 
-@contextlib.contextmanager
-def per_sample_parameters(model: nn.Module, batch_size: int) -> Iterator[dict[nn.Parameter, Tensor]]:
-    """Give each sample its own weights for the forwards run inside the context.
+@dataclass
+class PerSampleWeights:
+    """Per-sample weight leaves of ``owner``'s parameters.
 
-    Yields ``{parameter: leaf}``; after a backward, ``leaf.grad[b]`` is sample ``b``'s gradient of
-    ``parameter``. Parameters of other module types (none in this project's models) are rejected.
+    Attributes:
+        owner: the module they were made for.
+        by_name: ``{name in owner: leaf [B, *shape]}``, what the call passes.
+        by_parameter: ``{shared parameter: leaf}``; after a backward, ``leaf.grad[b]`` is sample ``b``'s gradient.
 
     Example:
         >>> layer = CastedLinear(3, 2)
         >>> x = torch.randn(4, 3)
-        >>> with per_sample_parameters(layer, batch_size=4) as leaves:
-        ...     layer(x).pow(2).sum().backward()
-        >>> per_sample = leaves[layer.weight].grad
+        >>> weights = per_sample_weights(layer, batch_size=4)
+        >>> weights.call(layer, x).pow(2).sum().backward()
+        >>> per_sample = weights.by_parameter[layer.weight].grad
         >>> torch.allclose(per_sample[1], torch.autograd.grad(layer(x[1:2]).pow(2).sum(), layer.weight)[0], atol=1e-6)
         True
     """
-    leaves: dict[nn.Parameter, Tensor] = {}
-    patched: list[CastedLinear | CastedEmbedding] = []
-    covered: set[int] = set()
-    try:
-        for module in model.modules():
-            if not isinstance(module, CastedLinear | CastedEmbedding):
-                continue
-            own: dict[str, Tensor] = {}
-            for name, param in module.named_parameters(recurse=False):
-                if param.requires_grad:
-                    leaf = param.detach().unsqueeze(0).expand(batch_size, *param.shape).requires_grad_(True)
-                    own[name] = leaf
-                    leaves[param] = leaf
-                    covered.add(id(param))
-            if not own:
-                continue  # frozen (freeze_weights): the module computes as usual
-            if "weight" not in own:
-                raise TypeError(f"per-sample gradients need {type(module).__name__}.weight trainable when its bias is")
-            module.per_sample = own
-            patched.append(module)
-        uncovered = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
-        if uncovered:
-            raise TypeError(f"per-sample gradients support CastedLinear and CastedEmbedding only; not {uncovered[:4]}")
-        yield leaves
-    finally:
-        for module in patched:
-            module.per_sample = None
+
+    owner: nn.Module
+    by_name: dict[str, Tensor]
+    by_parameter: dict[nn.Parameter, Tensor]
+
+    def call(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``module(*args, **kwargs)`` computed with these weights; ``module`` is the owner or holds it as a submodule."""
+        return torch.func.functional_call(module, self._named_for(module), args, kwargs)
+
+    def _named_for(self, module: nn.Module) -> dict[str, Tensor]:
+        if module is self.owner:
+            return self.by_name
+        for prefix, child in module.named_modules():
+            if child is self.owner:
+                return {f"{prefix}.{name}": leaf for name, leaf in self.by_name.items()}
+        raise ValueError(f"{type(module).__name__} does not hold the module these per-sample weights were made for")
+
+
+def per_sample_weights(model: nn.Module, batch_size: int) -> PerSampleWeights:
+    """Per-sample leaves for every trainable parameter of ``model`` (all must belong to ``CastedLinear`` or
+    ``CastedEmbedding`` layers; frozen ones keep computing as usual)."""
+    by_name: dict[str, Tensor] = {}
+    by_parameter: dict[nn.Parameter, Tensor] = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, CastedLinear | CastedEmbedding):
+            continue
+        trainable = {name: param for name, param in module.named_parameters(recurse=False) if param.requires_grad}
+        if trainable and "weight" not in trainable:
+            raise TypeError(f"per-sample gradients need {type(module).__name__}.weight trainable when its bias is")
+        for name, param in trainable.items():
+            leaf = param.detach().unsqueeze(0).expand(batch_size, *param.shape).requires_grad_(True)
+            by_name[f"{prefix}.{name}" if prefix else name] = leaf
+            by_parameter[param] = leaf
+    covered = {id(param) for param in by_parameter}
+    uncovered = [name for name, param in model.named_parameters() if param.requires_grad and id(param) not in covered]
+    if uncovered:
+        raise TypeError(f"per-sample gradients support CastedLinear and CastedEmbedding only; not {uncovered[:4]}")
+    return PerSampleWeights(model, by_name, by_parameter)
+
+
+def call_module(module: nn.Module, weights: PerSampleWeights | None, *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)``, with ``weights`` when given (per-sample mode), else with its own parameters."""
+    return module(*args, **kwargs) if weights is None else weights.call(module, *args, **kwargs)

@@ -16,11 +16,12 @@ from models.ema import EMA
 from models.losses import ACTLossHead
 from models.recursive_reasoning.act import ACTModel
 from models.registry import build_model
+from training.best_checkpoint import BestCheckpoint, infer_mode
 from training.checkpointer import NO_STATE, Checkpointer, ModelWeights, RngStreams
 from training.config import ConfigError, TrainConfig
 from training.data_feed import DataFeed
 from training.distributed import DistInfo, broadcast_module_
-from training.evaluation import RunEvaluation, build_evaluators
+from training.evaluation import RunEvaluation, build_evaluators, evaluation_metric_names
 from training.init_weights import init_weights_from
 from training.optimizers import RunOptimizers
 from training.state import Progress, preserved_rng
@@ -28,7 +29,7 @@ from training.supervision import SupervisionLoop
 
 
 def jd_step_for(config: TrainConfig, dist_info: DistInfo, data: DataFeed) -> JDStep:
-    """The JD (or GD) backward step, checked against the architecture and sized for the data; prints a cost note."""
+    """The JD (or GD) backward step, checked against the architecture and sized for the data; prints its notes."""
     meta, arch = data.train.metadata, config.arch
     try:
         validate_split(
@@ -44,7 +45,7 @@ def jd_step_for(config: TrainConfig, dist_info: DistInfo, data: DataFeed) -> JDS
         if config.compile_enabled(dist_info.device.type):
             config.jd.check_compilable()
         step = build_jd_step(config.jd, world_size=dist_info.world_size, halt_max_steps=arch.halt_max_steps)
-        cost = step.prepare(
+        notes = step.prepare(
             batch_size=data.micro_batch,
             seq_len=meta.seq_len,
             H_cycles=arch.H_cycles,
@@ -54,8 +55,8 @@ def jd_step_for(config: TrainConfig, dist_info: DistInfo, data: DataFeed) -> JDS
         )
     except (ValueError, ImportError) as error:  # ImportError: an aggregator's optional solver is missing
         raise ConfigError(str(error)) from None
-    if cost and dist_info.is_main:
-        print(f"note: {cost}", flush=True)
+    for note in notes if dist_info.is_main else []:
+        print(f"note: {note}", flush=True)
     return step
 
 
@@ -133,7 +134,24 @@ def evaluation_for(config: TrainConfig, loss_head: ACTLossHead, data: DataFeed, 
         max_batches=config.eval_max_batches,
         progress_bar=config.progress_bar,
         ema=ema,
+        also_raw=config.checkpoint_best is not False and config.checkpoint_best_raw,
+        depths=config.eval_depths,
+        depths_every=config.eval_depths_every,
     )
+
+
+def best_checkpoint_for(config: TrainConfig, dist_info: DistInfo) -> BestCheckpoint:
+    """The best-checkpoint tracker; its metric must be one the run's evaluation logs (checked before any compute)."""
+    if config.checkpoint_best is False:
+        return BestCheckpoint(config.objective, "max", (), dist_info)
+    metric = config.objective if config.checkpoint_best is True else config.checkpoint_best
+    accepted = evaluation_metric_names(config.evaluators, config.eval_depths if config.eval_depths_every == 1 else ())
+    if metric not in accepted:
+        setting = f"checkpoint_best (the objective, {metric})" if config.checkpoint_best is True else f"checkpoint_best={metric}"
+        raise ConfigError(f"{setting}: not a metric this run's evaluation logs; accepted: {accepted}, or checkpoint_best=false")
+    mode = infer_mode(metric) if config.checkpoint_best_mode == "auto" else config.checkpoint_best_mode
+    kinds = ("weights",) if not config.ema else ("ema", "raw") if config.checkpoint_best_raw else ("ema",)
+    return BestCheckpoint(metric, mode, kinds, dist_info)
 
 
 def evaluators_for(config: TrainConfig) -> list[Evaluator]:
@@ -172,6 +190,7 @@ def checkpointer_for(
     data: DataFeed,
     jd_step: JDStep,
     supervision: SupervisionLoop,
+    best: BestCheckpoint,
 ) -> Checkpointer:
     """The checkpointer, with every component's state registered (restored in this order): a new capability that
     owns state adds one ``register`` call here."""
@@ -197,6 +216,7 @@ def checkpointer_for(
     checkpointer.register("progress", progress, "the progress record")
     checkpointer.register("sampler", data, "the data position and hard-example counts", on_absent=data.check_position)
     checkpointer.register("jd", jd_step, "the JD step's state", on_absent=NO_STATE.load_state_dict)
+    checkpointer.register("best", best, "the best-checkpoint record", on_absent=best.reset)
     checkpointer.register_rank("rng", RngStreams(), "the RNG streams")
     checkpointer.register_rank("carries", supervision, "the ACT carries")
     return checkpointer

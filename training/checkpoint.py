@@ -20,7 +20,9 @@ from torch import Tensor
 
 from dataset.atomic import atomic_open, remove_stale_temp_files, write_failure
 from training.errors import CheckpointError as CheckpointError  # raised here; imported from here by most callers
+from training.hub import fetch, is_hub_path
 from training.reference_checkpoint import is_reference_state, reference_steps
+from training.safetensors_checkpoint import WEIGHTS_FILE, read_safetensors
 
 CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -75,11 +77,12 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: 
 
 
 def resolve_checkpoint(path_or_run: str | Path) -> Path:
-    """A checkpoint file, the newest checkpoint of a run directory, or the newest ``step_N`` of a
-    reference TRM ``checkpoint_path`` folder."""
-    path = Path(path_or_run)
+    """A checkpoint file, the newest checkpoint of a run directory, the newest ``step_N`` of a reference TRM
+    ``checkpoint_path`` folder, or a folder's ``model.safetensors``; ``hf://...`` is fetched first (:mod:`training.hub`)."""
+    path = fetch(path_or_run) if is_hub_path(path_or_run) else Path(path_or_run)
     if path.is_dir():
-        found = list_checkpoints(path) or list_checkpoints(path.parent) or reference_steps(path)
+        exported = [path / WEIGHTS_FILE] if (path / WEIGHTS_FILE).is_file() else []
+        found = list_checkpoints(path) or list_checkpoints(path.parent) or reference_steps(path) or exported
         if not found:
             raise CheckpointError(f"no checkpoint (checkpoints/step_*.pt, or a reference step_N) under {path}")
         return found[-1]
@@ -88,10 +91,28 @@ def resolve_checkpoint(path_or_run: str | Path) -> Path:
     return path
 
 
+BEST_NAME, BEST_RAW_NAME = "best.pt", "best_raw.pt"
+"""The best checkpoints of a run (:mod:`training.best_checkpoint`), beside ``step_*.pt``: by the evaluated
+weights (the EMA weights when the run keeps them), and by the live weights of a run with EMA."""
+
+
+def resolve_weights(path_or_run: str | Path, *, newest: bool = False) -> Path:
+    """Like :func:`resolve_checkpoint`, but a run directory gives its best checkpoint when it keeps one
+    (``newest``: its newest step, as before): the weights to evaluate or start from."""
+    path = fetch(path_or_run) if is_hub_path(path_or_run) else Path(path_or_run)
+    if path.is_dir() and not newest:
+        for folder in (path / "checkpoints", path):
+            if (folder / BEST_NAME).is_file():
+                return folder / BEST_NAME
+    return resolve_checkpoint(path)
+
+
 def read_state(path: Path, map_location: torch.device | str = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with one clear :class:`CheckpointError` for every way it fails
     (empty or truncated file, foreign pickled objects, not a torch file). Objects other than tensors and
     plain containers are never unpickled."""
+    if path.suffix == ".safetensors":
+        return {"format": CHECKPOINT_FORMAT, **read_safetensors(path)}
     try:
         if path.stat().st_size == 0:
             raise CheckpointError(f"{path}: the file is empty (0 bytes), an interrupted copy or write? Use an earlier checkpoint")

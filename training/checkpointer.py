@@ -147,7 +147,10 @@ class Checkpointer:
         state = load_checkpoint(path, map_location=self.dist.device)
         missing = [key for key in ("optimizer", "progress") if not isinstance(state.get(key), dict)]
         if missing:
-            raise CheckpointError(f"{path}: not a training checkpoint (it lacks {missing}); it cannot be resumed")
+            raise CheckpointError(
+                f"{path}: not a training checkpoint (it lacks {missing}); it cannot be resumed: start a new run from its weights "
+                f"with init_from={path}"
+            )
         self._note_changed_settings(path, state.get("config"))
         for entry in self._entries:
             value = state if entry.spread else state.get(entry.key)

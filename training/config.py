@@ -66,6 +66,10 @@ class TrainConfig(BaseModel):
     min_eval_interval: int = Field(default=0, ge=0)
     eval_steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)  # extra evaluations at these optimizer steps
     eval_max_batches: int | None = Field(default=None, ge=1)
+    eval_depths: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="also log eval/exact_accuracy@K (and @K/q, halting by the Q-head) for these step budgets"
+    )
+    eval_depths_every: int = Field(default=1, ge=1, description="the eval_depths curve at every N-th evaluation")
     max_steps: int | None = Field(default=None, ge=1)
 
     # Optimisation
@@ -102,6 +106,12 @@ class TrainConfig(BaseModel):
     checkpoint_every_eval: bool = True
     checkpoint_interval: int | None = Field(default=None, ge=1, description="also checkpoint every N optimizer steps")
     keep_last: int = Field(default=3, ge=1)
+    checkpoint_best: str | bool = Field(
+        default=True,
+        description="keep the best checkpoint by this held-out metric (true: the objective; false: none) as checkpoints/best.pt",
+    )
+    checkpoint_best_mode: Literal["auto", "max", "min"] = Field(default="auto", description="auto: min for a loss, max otherwise")
+    checkpoint_best_raw: bool = Field(default=True, description="with ema=true, also evaluate the live weights and keep their best")
     max_nonfinite_steps: int = Field(default=20, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: Literal["auto", "true", "false"] | bool = Field(
@@ -170,6 +180,9 @@ TRAJECTORY_NEUTRAL_KEYS = (
     "checkpoint_every_eval",
     "checkpoint_interval",
     "keep_last",
+    "checkpoint_best",
+    "checkpoint_best_mode",
+    "checkpoint_best_raw",
     "max_nonfinite_steps",
     "device",
     "compile",
@@ -181,6 +194,8 @@ TRAJECTORY_NEUTRAL_KEYS = (
     "evaluators",
     "data_paths_test",
     "eval_max_batches",
+    "eval_depths",
+    "eval_depths_every",
     "min_eval_interval",
     "eval_steps",
     "jd.diagnostics",

@@ -88,8 +88,28 @@ def setup_distributed(device_choice: str) -> DistInfo:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        backend, device_id = ("nccl", device) if use_cuda else ("gloo", None)
+        store = attempt_store(world_size)
+        if store is None:
+            dist.init_process_group(backend=backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, device_id=device_id)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def attempt_store(world_size: int) -> dist.Store | None:
+    """Under ``torchrun``, the agent's key-value store with this restart attempt's own prefix (``None`` elsewhere).
+
+    The agent keeps one store for the whole job; a worker group restarted after a crash would otherwise read
+    the keys the failed group left there (its ranks' gloo addresses) and wait on dead peers until the
+    connection times out. The prefix keeps every attempt's keys apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"trm-jd/attempt_{attempt}", client)
 
 
 def teardown_distributed() -> None:

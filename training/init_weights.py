@@ -1,7 +1,8 @@
 """Start a new run from another checkpoint's weights (``init_from=PATH``): fine-tuning.
 
-``PATH`` is a run directory or checkpoint of this toolkit (its EMA weights when the run kept them, else
-its live weights), or a reference TRM checkpoint ``step_N`` (or the folder holding it; see
+``PATH`` is a run directory (its best checkpoint, ``checkpoints/best.pt``, when it keeps one, else its
+newest) or checkpoint of this toolkit (its EMA weights when the run kept them, else its live weights;
+``best_raw.pt``: the live weights), or a reference TRM checkpoint ``step_N`` (or the folder holding it; see
 :mod:`training.reference_checkpoint`). Only the weights are taken: the optimizers, the learning-rate
 schedule, the data position and the RNG streams start fresh, as in any new run, which writes its own
 run directory. Weights are matched by name and shape; the puzzle-embedding table is re-initialised from
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from models.recursive_reasoning.act import ACTModel
-from training.checkpoint import CheckpointError, load_checkpoint, load_model_state, read_state, resolve_checkpoint
+from training.checkpoint import BEST_RAW_NAME, CheckpointError, load_checkpoint, load_model_state, read_state, resolve_weights
 from training.reference_checkpoint import is_reference_state, read_reference_checkpoint
 
 SHAPE_NEUTRAL_ARCH_KEYS = (
@@ -42,9 +43,9 @@ SHAPE_NEUTRAL_ARCH_KEYS = (
 
 
 def resolve_init_from(path_text: str) -> Path:
-    """The checkpoint file ``init_from`` names (before any model is built)."""
+    """The checkpoint file ``init_from`` names (before any model is built): a run directory gives its best."""
     try:
-        return resolve_checkpoint(path_text)
+        return resolve_weights(path_text)
     except CheckpointError as error:
         raise CheckpointError(f"init_from: {error}") from None
 
@@ -65,9 +66,10 @@ def init_weights_from(model: ACTModel, path: Path, run_config: dict[str, Any]) -
         what = "reference checkpoint"
     else:
         own = load_checkpoint(path)
-        weights, notes = _with_ema(own["model"], own.get("ema")), []
+        ema = None if path.name == BEST_RAW_NAME else own.get("ema")  # the live weights' best keeps the live weights
+        weights, notes = _with_ema(own["model"], ema), []
         checkpoint_arch = (own.get("config") or {}).get("arch", {})
-        what = "checkpoint (EMA weights)" if own.get("ema") else "checkpoint"
+        what = "checkpoint (EMA weights)" if ema else "checkpoint"
     bad = [key for key, value in weights.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
     if bad:
         raise CheckpointError(

@@ -33,7 +33,7 @@ import yaml
 from torch import Tensor
 
 from dataset.atomic import atomic_open, atomic_write_text, write_failure
-from dataset.common import read_metadata
+from dataset.common import DatasetError, read_metadata
 from training.errors import CheckpointError
 
 REFERENCE_ARCHS: dict[str, str] = {
@@ -299,6 +299,7 @@ def reference_train_config(
             built.put_arch(key, value, "reference default")
     _adapt_arch(built)
     _take_data(built, path, data_paths)
+    _puzzle_prefix_from_widths(built, weights)
     config: dict[str, Any] = {**built.top, "arch": built.arch}
     for key, value in (overrides or {}).items():
         _set_dotted(config, key, value)
@@ -307,9 +308,33 @@ def reference_train_config(
         notes.append(
             f"{path.parent / 'all_config.yaml'} is missing: the architecture comes from the weights and the reference's defaults "
             "(check H_cycles, L_cycles, num_heads, halt_max_steps and puzzle_emb_len below: with RoPE attention no weight shape "
-            "tells them, and a wrong one scores near 0; correct them with --set arch.KEY=VALUE)"
+            "tells them (mlp_t and learned positions tell puzzle_emb_len), and a wrong one scores near 0; correct them with "
+            "--set arch.KEY=VALUE)"
         )
     return config, built.sources, notes
+
+
+def _sequence_width(weights: dict[str, Tensor]) -> int | None:
+    """The full sequence length (puzzle prefix + the data's tokens) a TRM's weights were built for, when a shape
+    holds it: the token-mixing MLP of ``mlp_t`` blocks, or learned positions; ``None`` with RoPE attention."""
+    for key, value in weights.items():
+        if key.endswith(".mlp_t.gate_up_proj.weight"):
+            return int(value.shape[1])
+    return int(weights["embed_pos.weight"].shape[0]) if "embed_pos.weight" in weights else None
+
+
+def _puzzle_prefix_from_widths(built: _Sourced, weights: dict[str, Tensor]) -> None:
+    """``puzzle_emb_len`` = that width minus the data's ``seq_len``, unless ``all_config.yaml`` gave it (a wrong
+    prefix length scores near 0, so a shape that tells it wins over the reference's default)."""
+    width = _sequence_width(weights)
+    if width is None or built.arch.get("name") != "trm" or built.sources.get("arch.puzzle_emb_len", "").startswith("all_config"):
+        return
+    try:
+        seq_len = read_metadata(built.top["data_paths"][0]).seq_len
+    except (DatasetError, KeyError, IndexError, TypeError):
+        return  # no data to measure against: the dataset checks report it
+    if width > seq_len:
+        built.put_arch("puzzle_emb_len", width - seq_len, f"weights (sequence width {width} - the data's seq_len {seq_len})")
 
 
 def _take_all_config(built: _Sourced, reference: dict[str, Any], path: Path, notes: list[str]) -> None:

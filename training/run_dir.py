@@ -249,7 +249,13 @@ def prepare_run_dir(
 
 
 def run_summary(
-    status: str, progress: Progress, run_dir: Path, last_eval: dict[str, float], checkpoint: Path | None, numerics: dict[str, Any]
+    status: str,
+    progress: Progress,
+    run_dir: Path,
+    last_eval: dict[str, float],
+    checkpoint: Path | None,
+    numerics: dict[str, Any],
+    best: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What ``summary.json`` records of a run that ended (and ``Trainer.fit`` returns)."""
     return {
@@ -258,6 +264,7 @@ def run_summary(
         "run_dir": str(run_dir),
         "eval": last_eval,
         "checkpoint": None if checkpoint is None else str(checkpoint),
+        "best": best or {},
         "skipped_nonfinite": progress.skipped_nonfinite,
         "numerics": numerics,
     }

@@ -23,6 +23,7 @@ from jd.config import JDConfig
 from jd.splits import SplitSpec
 from models.loss_terms import LossTerms
 from models.losses import ACTLossHead
+from models.per_sample import PerSampleWeights, call_module
 from models.recursive_reasoning.act import ACTCarry, perturb_latent
 from training.state import carry_from_dict, carry_is_finite, carry_to_dict, preserved_rng, restore_rng
 
@@ -71,10 +72,15 @@ class SupervisionLoop:
         self.carries: list[ACTCarry | None] = [None] * grad_accum_steps
         self.stack_noise = jd.carry_perturbation == "stack_steps" and split.is_supervision_stack
 
-    def act_step(self, carry: ACTCarry, batch: Batch, global_batch_size: int) -> tuple[ACTCarry, LossTerms, dict[str, Tensor], dict[str, Tensor]]:
-        """One ACT step of the loss head with the split's needs and the ``carried_samples`` carry noise."""
+    def act_step(
+        self, carry: ACTCarry, batch: Batch, global_batch_size: int, weights: PerSampleWeights | None = None
+    ) -> tuple[ACTCarry, LossTerms, dict[str, Tensor], dict[str, Tensor]]:
+        """One ACT step of the loss head with the split's needs and the ``carried_samples`` carry noise
+        (computed with ``weights``, the per-sample engine's, when given)."""
         split, jd = self.split, self.jd
-        carry, terms, metrics, outputs, _ = self.loss_head(
+        carry, terms, metrics, outputs, _ = call_module(
+            self.loss_head,
+            weights,
             carry,
             batch,
             global_batch_size=global_batch_size,
@@ -85,16 +91,23 @@ class SupervisionLoop:
         return carry, terms, metrics, outputs
 
     def run(
-        self, carry: ACTCarry | None, batches: Sequence[Batch], *, global_batch_size: int | None = None, on_step: StepObserver | None = None
+        self,
+        carry: ACTCarry | None,
+        batches: Sequence[Batch],
+        *,
+        global_batch_size: int | None = None,
+        on_step: StepObserver | None = None,
+        weights: PerSampleWeights | None = None,
     ) -> tuple[ACTCarry, list[LossTerms]]:
         """THE supervision loop: each of ``batches`` feeds one step from ``carry`` (``None``: a fresh one); in
-        the ``same_batch`` loop the batch runs until every sample halted. Returns the carry and each step's terms."""
+        the ``same_batch`` loop the batch runs until every sample halted. Returns the carry and each step's terms.
+        ``weights``: the per-sample engine's (:meth:`jd.step.JDStep.forward_context`)."""
         schedule = list(batches) * self.supervision_steps if self.split.same_batch_loop else list(batches)
         steps: list[LossTerms] = []
         for batch in schedule:
             if carry is None:
                 carry = self.loss_head.initial_carry(batch)
-            carry, terms, metrics, outputs = self.act_step(carry, batch, global_batch_size or self.global_batch_size)
+            carry, terms, metrics, outputs = self.act_step(carry, batch, global_batch_size or self.global_batch_size, weights)
             if on_step is not None:
                 on_step(batch, carry, metrics, outputs)
             steps.append(terms)
@@ -105,7 +118,9 @@ class SupervisionLoop:
         assert carry is not None, "no batch to run"
         return carry, steps
 
-    def train_micro_batch(self, micro: int, batches: Sequence[Batch], on_step: StepObserver) -> list[LossTerms]:
+    def train_micro_batch(
+        self, micro: int, batches: Sequence[Batch], on_step: StepObserver, weights: PerSampleWeights | None = None
+    ) -> list[LossTerms]:
         """Training's supervision steps for micro-batch ``micro`` (``batches`` already its rows, on the device),
         continuing its carry; in the ``same_batch`` loop a batch starts from a fresh carry (one whose samples
         all halted is kept: its logits seed the differential loss) and one that did not finish is dropped."""
@@ -113,7 +128,7 @@ class SupervisionLoop:
         if self.split.same_batch_loop and not (carry is not None and bool(carry.halted.all())):
             carry = None
         with self._shared_puzzle_rows():
-            carry, steps = self.run(carry, batches, on_step=on_step)
+            carry, steps = self.run(carry, batches, on_step=on_step, weights=weights)
         self.carries[micro] = None if self.split.same_batch_loop and not bool(carry.halted.all()) else carry
         return steps
 

@@ -12,8 +12,9 @@ One optimizer step (:meth:`Trainer.step`) on every rank, and the file each part 
     train_metrics.train_metrics                   the train/* record
 
 The components own their state and register it with the :class:`~training.checkpointer.Checkpointer`
-(model, optimizers, EMA, progress, data feed, JD step; per rank: RNG streams and ACT carries), which also
-decides when a checkpoint is due; :class:`~training.cadence.Cadence` decides when to log and evaluate.
+(model, optimizers, EMA, progress, data feed, JD step, best-checkpoint record; per rank: RNG streams and ACT
+carries), which also decides when a checkpoint is due; :mod:`training.best_checkpoint` keeps the best one;
+:class:`~training.cadence.Cadence` decides when to log and evaluate.
 
 Reliability rules (the README's "Run directory, W&B and resuming" section says more): a checkpoint
 resumes exactly (evaluation runs with the RNG streams saved and restored); a non-finite step is skipped
@@ -34,6 +35,7 @@ from jd.diagnostics import reduce_step_diagnostics
 from models.ema import EMA
 from models.registry import compile_core
 from training.build import (
+    best_checkpoint_for,
     check_autogram,
     checkpointer_for,
     evaluation_for,
@@ -101,8 +103,9 @@ class Trainer:
         self.scalarizer_schedule = ScalarizerSchedule(self.jd_step.scalarizer, self.data.train, self.data.epochs_per_iter)
         self.cadence = Cadence(config, self.total_steps, is_main=dist_info.is_main)
         self.guard = NonFiniteGuard(config.max_nonfinite_steps, dist_info.world_size)
+        self.best = best_checkpoint_for(config, dist_info)
         self.checkpointer = checkpointer_for(
-            config, dist_info, self.model, self.optimizers, self.ema, self.progress, self.data, self.jd_step, self.supervision
+            config, dist_info, self.model, self.optimizers, self.ema, self.progress, self.data, self.jd_step, self.supervision, self.best
         )
         self._open_run(init_notes)
 
@@ -120,6 +123,7 @@ class Trainer:
         self.run_dir, self.run_name, self.project_name, new_lock = prepare_run_dir(config, dist_info, plan, self.numerics)
         self._lock = self._lock or new_lock
         self.checkpointer.attach(self.run_dir)
+        self.best.after_restore(plan.checkpoint, same_run=plan.continues_run, step=self.progress.step)
         self.logger: RunLogger | None = None
         if not dist_info.is_main:
             return
@@ -232,8 +236,8 @@ class Trainer:
         for micro in range(self.config.grad_accum_steps):
             rows_before = len(embedding.pending_rows()) if embedding is not None else 0
             micro_batches = self.data.on_device(batches, slice(micro * self.data.micro_batch, (micro + 1) * self.data.micro_batch))
-            with self.jd_step.forward_context(self.model, self.data.micro_batch):
-                steps = self.supervision.train_micro_batch(micro, micro_batches, recorder.on_step)
+            with self.jd_step.forward_context(self.model, self.data.micro_batch) as weights:  # per-sample weights, or None
+                steps = self.supervision.train_micro_batch(micro, micro_batches, recorder.on_step, weights)
                 recorder.end_micro_batch()
                 rows = [r for _, r in embedding.pending_rows()[rows_before:]] if embedding is not None else []
                 micro_metrics.append(self.jd_step.backward(steps, self.params, rows))
@@ -263,11 +267,12 @@ class Trainer:
 
     # -------------------------------------------------------------------------- evaluation
     def _evaluate(self) -> dict[str, float]:
-        results = self.evaluation(self.run_dir / "eval" / f"step_{self.progress.step:08d}")
+        results = self.evaluation(self.run_dir / "eval" / f"step_{self.progress.step:08d}", index=self.progress.evaluations)
         self.progress.evaluations += 1
         self.progress.eval_pending = 0
         if self.logger is not None and results:
             self.logger.log_evaluation(self.progress.step, results, show=self.config.progress_bar)
+        self.best.after_evaluation(results, self.progress, self.checkpointer)
         return results
 
     # ------------------------------------------------------------------------------ reporting
@@ -276,7 +281,7 @@ class Trainer:
         progress_bar.close()
         self.data.close()
         latest = self.checkpointer.latest() if self.dist.is_main else None
-        summary = run_summary(status, self.progress, self.run_dir, last_eval, latest, self.numerics)
+        summary = run_summary(status, self.progress, self.run_dir, last_eval, latest, self.numerics, self.best.summary(self.run_dir))
         if self.dist.is_main:
             try:
                 write_summary(self.run_dir, summary)

@@ -67,6 +67,37 @@ def test_torchrun_restart_resumes_from_the_latest_checkpoint(sudoku_data: Path, 
     assert read_records(run_dir) == read_records(reference)
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the torchrun workers through /proc")
+@pytest.mark.parametrize("standalone", [False, True], ids=["default-rdzv", "standalone"])
+def test_two_workers_restart_after_one_is_killed(standalone: bool, sudoku_data: Path, tmp_path: Path) -> None:
+    """With 2 workers, killing rank 1 makes torchrun stop rank 0 and restart both; they resume from the newest
+    checkpoint and end where an uninterrupted 2-worker run ends (same state, same metrics)."""
+    common = dict(max_steps=30, epochs=6, eval_interval=2, checkpoint_interval=1, keep_last=100, run_name="two")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.1"]
+    torchrun += ["--standalone"] if standalone else []
+
+    def start(root: Path) -> subprocess.Popen[str]:
+        args = tiny_overrides(sudoku_data, root, **common)
+        return subprocess.Popen(
+            [*torchrun, "pretrain.py", *args], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    reference = start(tmp_path / "ref")
+    assert reference.wait(timeout=300) == 0, reference.communicate()[1][-3000:]
+    process = start(tmp_path / "killed")
+    run_dir = tmp_path / "killed" / "sudoku4" / "two"
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000005.pt").exists(), process)
+    workers = _children(process.pid)
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)  # one of the two workers crashes
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert f"Resuming from {run_dir / 'checkpoints'}" in out, out[-2000:]
+    assert "received while starting" not in err, "the stopped rank says what happened"
+    assert_same_training_state(tmp_path / "ref" / "sudoku4" / "two", run_dir)
+    assert read_records(run_dir) == read_records(tmp_path / "ref" / "sudoku4" / "two")
+
+
 def test_restart_rules_need_a_directory_that_can_be_found_again(sudoku_data: Path, tmp_path: Path) -> None:
     config = compose(tiny_overrides(sudoku_data, tmp_path))
     with pytest.raises(ConfigError, match="run_name"):

@@ -11,6 +11,7 @@ import torch
 from jd.config import JDConfig
 from jd.step import build_jd_step
 from models.losses import ACTLossHead
+from models.per_sample import call_module
 from models.registry import build_model
 from tests.conftest import tiny_arch
 from tests.unit.test_models import BATCH, PUZZLES, SEQ, VOCAB, make_batch
@@ -32,8 +33,8 @@ def test_engines_under_torch_compile_give_the_eager_gradients() -> None:
         step = build_jd_step(JDConfig(split="iwrm_with_q_halt_in", engine=engine, parallel_chunk_size=1))
         params = [p for p in model.parameters() if p.requires_grad]
         batch = make_batch(seed=0)
-        with step.forward_context(model, BATCH):
-            _, terms, _, _, _ = head(head.initial_carry(batch), batch, global_batch_size=BATCH)
+        with step.forward_context(model, BATCH) as weights:
+            _, terms, _, _, _ = call_module(head, weights, head.initial_carry(batch), batch, global_batch_size=BATCH)
             rows = [r for _, r in model.puzzle_embedding.pending_rows()]
             step.backward([terms], params, rows)
         return [p.grad.clone() for p in params] + [r.grad.clone() for r in rows]

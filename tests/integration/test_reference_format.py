@@ -168,3 +168,26 @@ def test_the_visualiser_draws_a_reference_checkpoint(tmp_path: Path) -> None:
         [str(FIXTURE / "checkpoints" / "trm_arc"), "--data", str(FIXTURE / "arc"), "--index", "0", "--out", str(out), "--device", "cpu"]
     )
     assert status == 0 and out.stat().st_size > 10_000
+
+
+def test_without_its_config_an_mlp_t_checkpoint_takes_its_puzzle_prefix_from_the_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The mlp_t blocks' token-mixing width is the prefix plus the data's seq_len: the reference's default prefix
+    (16) would score near 0; the width gives the fixture's 1, and with it the reference's own answers."""
+    folder = tmp_path / "released"
+    folder.mkdir()
+    shutil.copy(FIXTURE / "checkpoints" / "trm_mlpt_sudoku" / "step_3", folder / "step_3")
+    with_config = read_checkpoint(FIXTURE / "checkpoints" / "trm_mlpt_sudoku", data_paths=[str(FIXTURE / "sudoku")])[2]
+    recursion = ("H_cycles", "L_cycles", "halt_max_steps", "expansion", "forward_dtype", "no_ACT_continue")
+    overrides = {f"arch.{key}": getattr(with_config.arch, key) for key in recursion}
+    path, state, config, sizes = read_checkpoint(folder, overrides=overrides, data_paths=[str(FIXTURE / "sudoku")])
+    assert config.arch.puzzle_emb_len == with_config.arch.puzzle_emb_len == 1
+    loaded = model_from_checkpoint(path, state, config, sizes, device=torch.device("cpu"))
+    assert "arch.puzzle_emb_len = 1  (weights (sequence width" in capsys.readouterr().err
+    reference = model_from_checkpoint(
+        *read_checkpoint(FIXTURE / "checkpoints" / "trm_mlpt_sudoku", data_paths=[str(FIXTURE / "sudoku")]), device=torch.device("cpu")
+    )
+    batch = next(iter(PuzzleDataset([FIXTURE / "sudoku"], "test", 4).test_batches()))
+    with torch.no_grad():
+        ours = loaded.loss_head(loaded.loss_head.initial_carry(batch), batch, global_batch_size=4)[3]["logits"]
+        theirs = reference.loss_head(reference.loss_head.initial_carry(batch), batch, global_batch_size=4)[3]["logits"]
+    assert torch.equal(ours, theirs)

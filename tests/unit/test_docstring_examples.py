@@ -15,7 +15,10 @@ import pytest
 from tests.unit.test_architecture import _modules
 
 EXAMPLES = {
+    "analysis.depth": 4,
     "analysis.stats": 3,
+    "evaluators.depth": 13,
+    "evaluators.puzzle_ids": 6,
     "jd.aggregators": 3,
     "jd.diagnostics": 1,
     "jd.projector": 4,
@@ -25,12 +28,15 @@ EXAMPLES = {
     "models.layers": 1,
     "models.losses": 2,
     "models.optimizers": 5,
-    "models.per_sample": 5,
+    "models.per_sample": 6,
     "models.registry": 3,
     "models.sparse_embedding": 6,
+    "training.best_checkpoint": 6,
     "training.cadence": 3,
     "training.config": 2,
+    "training.evaluation": 1,
     "training.hard_sampling": 3,
+    "training.hub": 1,
     "training.numerics": 1,
     "training.reference_checkpoint": 3,
     "training.run_lock": 5,

@@ -61,9 +61,17 @@ def test_standalone_metrics_equal_the_trainers_final_evaluation(runs: dict[str, 
     assert record["ema"] is (name == "ema")
     assert record["step"] == json.loads((run_dir / "summary.json").read_text())["final_step"]
     assert out.name.startswith(f"standalone-step_{record['step']:08d}")
-    assert set(record["metrics"]) == set(logged)
-    for key, value in logged.items():
+    evaluated = {key: value for key, value in logged.items() if not key.startswith("raw/")}
+    assert set(record["metrics"]) == set(evaluated)
+    for key, value in evaluated.items():
         assert record["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    live = {key.removeprefix("raw/"): value for key, value in logged.items() if key.startswith("raw/")}
+    assert bool(live) is (name == "ema"), "a run with EMA evaluates its live weights too"
+    if live:
+        assert evaluate_cli(str(run_dir), "--no-ema", "--out", str(run_dir / "eval" / "live-check")) == 0
+        record = json.loads((run_dir / "eval" / "live-check" / "metrics.json").read_text())
+        for key, value in live.items():
+            assert record["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
 def test_ema_weights_are_the_default_and_can_be_switched_off(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ import torch
 from jd.config import JDConfig
 from jd.step import PER_SAMPLE_SPLITS, build_jd_step
 from models.losses import ACTLossHead
+from models.per_sample import call_module
 from models.registry import build_model
 from tests.conftest import tiny_arch
 from tests.unit.test_models import BATCH, PUZZLES, SEQ, VOCAB, make_batch
@@ -43,11 +44,11 @@ def engine_gradients(
     carry = None
     steps = []
     torch.manual_seed(1)
-    with step.forward_context(model, BATCH):
+    with step.forward_context(model, BATCH) as weights:
         for k in range(step.split.supervision_steps(3)):
             batch = make_batch(seed=k)
             carry = carry or head.initial_carry(batch)
-            carry, terms, _, _, _ = head(carry, batch, global_batch_size=BATCH)
+            carry, terms, _, _, _ = call_module(head, weights, carry, batch, global_batch_size=BATCH)
             steps.append(terms)
         rows = [r for _, r in model.puzzle_embedding.pending_rows()]
         metrics = step.backward(steps, params, rows)

@@ -123,6 +123,18 @@ def test_unsolved_problems_fall_back_to_quadprog() -> None:
     )
 
 
+@pytest.mark.parametrize("scale", [1e-8, 1e-6, 1e-4, 1e-2, 1.0, 1e4, 1e8])
+def test_the_exact_update_is_the_same_at_any_scale_of_the_gradients(scale: float) -> None:
+    """A Gramian whose trace is below norm_eps (late in training) is rescaled, not replaced by the mean:
+    the weights are those of the unscaled Gramian, and the update conflicts with no objective."""
+    jacobian = _hard_jacobian(24, 200, seed=4)
+    update = UPGrad(projector=PivotingProjector())(jacobian * scale)
+    reference = UPGrad(projector=PivotingProjector())(jacobian) * scale
+    torch.testing.assert_close(update, reference, rtol=1e-6, atol=1e-9 * reference.abs().max().item())
+    norms = jacobian.norm(dim=1)
+    assert ((jacobian @ update) / (norms * update.norm()))[norms > 0].min() >= -1e-6
+
+
 def test_a_zero_gramian_leaves_the_weights_unchanged() -> None:
     lower = torch.diag(torch.full((4,), 0.25))
     assert torch.equal(PivotingProjector()(lower, torch.zeros(4, 4)), lower)

@@ -446,3 +446,25 @@ def test_tiny_trm_engines_agree_with_gramian_engine(engine: str) -> None:
     step, params, steps, rows = _tiny_trm_steps("iwrm_with_q_halt_in", engine=engine, aggregator="upgrad")
     step.backward(steps, params, rows)
     torch.testing.assert_close(flat_grads(params + rows), expected, atol=1e-5, rtol=1e-4)
+
+
+def _notes(batch_size: int, **jd: object) -> list[str]:
+    step = build_jd_step(JDConfig(**jd), halt_max_steps=3)  # type: ignore[arg-type]
+    return step.prepare(batch_size=batch_size, seq_len=16, H_cycles=2, halt_max_steps=3, grad_accum_steps=1, device=torch.device("cpu"))
+
+
+def test_every_engine_says_what_a_large_m_costs_before_training() -> None:
+    (per_sample,) = _notes(128, split="iwrm_with_q_halt_in", aggregator="upgrad", engine="per_sample")
+    assert "m=128" in per_sample and "one backward" in per_sample and "128 quadratic program(s) of size 128" in per_sample
+    (gramian,) = _notes(128, split="iwrm_with_q_halt_in", aggregator="upgrad", engine="gramian")
+    assert "about 128 backward passes" in gramian and "jd.n_groups=2" in gramian
+    assert _notes(64, split="iwrm_with_q_halt_in", aggregator="upgrad", engine="per_sample") == []  # cheap: no word
+    assert _notes(128, split="iwrm_with_q_halt_in", aggregator="mean", engine="per_sample") == []  # no programs to solve
+
+
+def test_a_stateful_scalarizer_on_per_instance_objectives_is_explained() -> None:
+    for name in ("uw", "famo", "dwa"):
+        (note,) = _notes(8, split="iwrm_with_q_halt_in", scalarizer=name)
+        assert f"jd.scalarizer={name} keeps state per objective" in note and "batch slot" in note
+    assert _notes(8, split="stack_supervisions", supervision_loop="carry", scalarizer="uw") == []  # fixed objectives
+    assert _notes(8, split="iwrm_with_q_halt_in", scalarizer="mean") == []  # stateless

@@ -6,14 +6,10 @@ import pytest
 import torch
 
 from models.losses import ACTLossHead
-from models.per_sample import per_sample_parameters
+from models.per_sample import per_sample_weights
 from models.registry import build_model
 from tests.conftest import tiny_arch
 from tests.unit.test_models import ARCHES, BATCH, PUZZLES, SEQ, VOCAB, make_batch
-
-
-def module_free(model: torch.nn.Module) -> list[bool]:
-    return [getattr(m, "per_sample", None) is None for m in model.modules()]
 
 
 @pytest.mark.parametrize("arch", list(ARCHES))
@@ -31,14 +27,16 @@ def test_per_sample_gradients_equal_individual_gradients(arch: str) -> None:
     expected = [torch.autograd.grad(per_sample_losses[b], params, retain_graph=True) for b in range(BATCH)]
 
     torch.manual_seed(1)
-    with per_sample_parameters(model, BATCH) as leaves:
-        _, terms2, _, _, _ = head(head.initial_carry(batch), batch, global_batch_size=BATCH)
-        torch.testing.assert_close(terms2.per_sample(), per_sample_losses)
-        terms2.total().backward()
+    shared = dict(model.named_parameters())
+    weights = per_sample_weights(model, BATCH)
+    leaves = weights.by_parameter
+    _, terms2, _, _, _ = weights.call(head, head.initial_carry(batch), batch, global_batch_size=BATCH)
+    torch.testing.assert_close(terms2.per_sample(), per_sample_losses)
+    terms2.total().backward()
     for index, param in enumerate(params):
         got = leaves[param].grad
         assert got is not None and got.shape == (BATCH, *param.shape)
         for b in range(BATCH):
             torch.testing.assert_close(got[b], expected[b][index], rtol=1e-4, atol=1e-6)
     assert all(param.grad is None for param in params), "shared weights get no gradient in per-sample mode"
-    assert all(module_free(model)), "the context restores the shared weights"
+    assert dict(model.named_parameters()) == shared, "the model keeps its own parameters: the per-sample ones are passed to the call"
