@@ -116,6 +116,35 @@ class Result:
     gd_similarity: float | None = None
     error: str | None = None
     step_ms: list[float] = field(default_factory=list)
+    ab_ratios: list[float] = field(default_factory=list)  # x GD per interleaved repetition (--ab-repetitions)
+
+
+def interleaved_ratios(
+    preset: dict[str, Any], jd_values: dict[str, Any], *, device: torch.device, compile_model: bool, warmup: int, repetitions: int, steps: int
+) -> list[float]:
+    """The variant's time per supervision step over GD's, once per repetition, with GD and the variant built in
+    one process and timed alternately (ABBA order): load that shifts during the run hits both sides of every
+    ratio, which separate runs cannot promise on a shared machine."""
+    torch.manual_seed(0)
+    gd = _Variant(preset, JDConfig(**VARIANTS["gd"]), device, compile_model)
+    jd = _Variant(preset, JDConfig(**jd_values), device, compile_model)
+    for _ in range(warmup):
+        gd.step(), jd.step()
+    ratios = []
+    for repetition in range(repetitions):
+        order = (gd, jd) if repetition % 2 == 0 else (jd, gd)
+        seconds = {id(variant): _timed_steps(variant, steps, device) for variant in order}
+        ratios.append(round(seconds[id(jd)] / (jd.loop.supervision_steps * seconds[id(gd)]), 4))
+    return ratios
+
+
+def _timed_steps(variant: _Variant, steps: int, device: torch.device) -> float:
+    started = time.perf_counter()
+    for _ in range(steps):
+        variant.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 def synthetic_batch(preset: dict[str, Any], device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -310,20 +339,26 @@ def to_markdown(results: list[Result], header: dict[str, Any], projectors: list[
         f"Benchmark: preset `{header['preset']}`, {header['device_name']}, compile={header['compile']}, threads={header.get('threads')}, "
         f"batch {header['batch_size']}, median of {header['steps']} steps after {header['warmup']} warm-up.",
         "",
-        "| variant | split | engine | m | ms/step | x GD | min ms | peak MiB | mem x GD | GD similarity |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | split | engine | m | ms/step | x GD | x GD interleaved: median [min, max] | min ms | peak MiB | mem x GD | GD similarity |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.error:
-            lines.append(f"| {r.variant} | {r.split} | {r.engine} | | failed: {r.error[:80]} | | | | | |")
+            lines.append(f"| {r.variant} | {r.split} | {r.engine} | | failed: {r.error[:80]} | | | | | | |")
             continue
         fmt = lambda v, d=2: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+        ab = f"{statistics.median(r.ab_ratios):.2f} [{min(r.ab_ratios):.2f}, {max(r.ab_ratios):.2f}]" if r.ab_ratios else ""
         lines.append(
-            f"| {r.variant} | {r.split} | {r.engine} | {r.objectives} | {r.median_ms:.1f} | {fmt(r.ratio_to_gd)} | {fmt(r.min_ms, 1)} | "
+            f"| {r.variant} | {r.split} | {r.engine} | {r.objectives} | {r.median_ms:.1f} | {fmt(r.ratio_to_gd)} | {ab} | {fmt(r.min_ms, 1)} | "
             f"{fmt(r.peak_mem_mib, 0)} | {fmt(r.mem_ratio_to_gd)} | {fmt(r.gd_similarity, 4)} |"
         )
     lines.append("")
     lines.append("Ratios of a supervision stack of K steps are to K GD steps (the work it replaces). " + header["memory"])
+    if any(r.ab_ratios for r in results):
+        lines.append(
+            f"Interleaved: GD and the variant built in one process and timed alternately, {header.get('ab_repetitions')} repetitions "
+            f"of {header['steps']} steps each (ABBA order); the median and the range of the per-repetition ratios."
+        )
     for r in results:
         base = r.variant.split("[")[0]
         if r.mem_ratio_to_gd is not None and r.mem_ratio_to_gd > 2:
@@ -366,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: training's rule, threads=null)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--ab-repetitions", type=int, default=0, metavar="N", help="also measure each x GD ratio from N interleaved GD/variant repetitions"
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for benchmark-<preset>-<device>[-eager].{json,md}")
     parser.add_argument("--overwrite", action="store_true")
@@ -422,6 +460,7 @@ def _header(args: argparse.Namespace, settings: _Settings, argv: list[str] | Non
         "threads": settings.threads,
         "batch_size": settings.preset["batch_size"],
         "warmup": args.warmup,
+        "ab_repetitions": args.ab_repetitions,
         "steps": args.steps,
         "torch": torch.__version__,
         "isolated": settings.isolate,
@@ -485,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
                 values.update(aggregator=args.aggregator, engine=engine)
             label = name if len(engines) == 1 else f"{name}[{engine}]"
             result = _measure(label, values, engine, args, settings)
+            if args.ab_repetitions > 0 and name != "gd" and not result.error:
+                options = dict(device=settings.device, compile_model=settings.compile_model, warmup=args.warmup, steps=args.steps)
+                result.ab_ratios = interleaved_ratios(settings.preset, values, repetitions=args.ab_repetitions, **options)
             gd = result if name == "gd" else gd
             _add_ratios(result, gd)
             results.append(result)

@@ -1,11 +1,13 @@
 """The best checkpoint by a held-out metric, kept beside the newest ones and never pruned by ``keep_last``.
 
 After each evaluation the metric ``checkpoint_best`` names (the run's ``objective`` by default) is compared
-with the best so far; a strictly better value writes the step's checkpoint (its progress now says the
-evaluation is done, and it holds the updated record) and copies it to ``checkpoints/best.pt``. With
-``ema=true`` both weights are evaluated: the averaged weights' best goes to ``best.pt``, the live weights'
-(metrics ``raw/...``) to ``best_raw.pt``. The record is part of every checkpoint, so a resumed run keeps
-it exactly; a run killed between that checkpoint and the copy makes the copy when it resumes.
+with the best so far; a strictly better value writes the whole training state as ``checkpoints/best.pt``
+(its progress says the evaluation is done, and it holds the updated record), beside the numbered
+checkpoints, never replacing one of them. With ``ema=true`` both weights are evaluated: the averaged
+weights' best goes to ``best.pt``, the live weights' (metrics ``raw/...``) to ``best_raw.pt``. The record is
+part of every checkpoint, so a resumed run keeps it exactly; a run killed after an evaluation and before
+its best was written redoes that evaluation when it resumes (from the checkpoint written before it) and
+writes the same file.
 """
 
 from __future__ import annotations
@@ -98,36 +100,30 @@ class BestCheckpoint:
         return list(decision)
 
     def after_evaluation(self, results: dict[str, float], progress: Progress, checkpointer: Checkpointer) -> None:
-        """Keep the evaluated step's checkpoint as the best of every kind it improves (never after a skipped step)."""
+        """Write the evaluated state as the best of every kind it improves (never after a skipped step)."""
         if progress.consecutive_nonfinite:
             return
         kinds = self.improved(results, progress.step)
-        if not kinds:
+        files = list(dict.fromkeys(BEST_FILES[kind] for kind in kinds))
+        if not files:
             return
-        path = checkpointer.save(progress)  # the record is in it, and its progress says the evaluation is done
-        if path is not None:
-            self._copy(path, kinds)
+        assert checkpointer.run_dir is not None
+        folder = checkpointer.run_dir / "checkpoints"
+        written = checkpointer.save_as(progress, folder / files[0])  # the record is in it; its progress says evaluated
+        if written is not None and len(files) > 1:
+            self._copy(written, folder / files[1])
 
-    def _copy(self, checkpoint: Path, kinds: list[str]) -> None:
-        for file_name in dict.fromkeys(BEST_FILES[kind] for kind in kinds):
-            target = checkpoint.parent / file_name
-            try:
-                with open(checkpoint, "rb") as source, atomic_open(target, "wb") as destination:
-                    shutil.copyfileobj(source, destination)
-            except OSError as error:
-                raise CheckpointError(f"cannot write the best checkpoint {target}: {write_failure(target.parent, error)}") from None
+    def _copy(self, source: Path, target: Path) -> None:
+        try:
+            with open(source, "rb") as original, atomic_open(target, "wb") as copy:
+                shutil.copyfileobj(original, copy)
+        except OSError as error:
+            raise CheckpointError(f"cannot write the best checkpoint {target}: {write_failure(target.parent, error)}") from None
 
-    def after_restore(self, checkpoint: Path | None, *, same_run: bool, step: int) -> None:
-        """A run continued in its own directory makes the copies a kill between its checkpoint and the copy
-        prevented; a new run started from another run's state tracks its own best from scratch."""
-        if checkpoint is None:
-            return
+    def after_restore(self, *, same_run: bool) -> None:
+        """A new run started from another run's state tracks its own best from scratch."""
         if not same_run:
             self.reset()
-            return
-        pending = [kind for kind, record in self.records.items() if record.step == step]
-        if pending and self.dist.is_main:
-            self._copy(checkpoint, pending)
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -61,18 +61,23 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: 
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    path = checkpoint_path(run_dir, step)
-    state = {"format": CHECKPOINT_FORMAT, "step": step, **state}
+    path = write_checkpoint(state, checkpoint_path(run_dir, step), step)
+    remove_stale_temp_files(path.parent)  # left by a write that was killed earlier
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def write_checkpoint(state: dict[str, Any], path: Path, step: int) -> Path:
+    """Write ``state`` atomically to ``path`` as the checkpoint of ``step`` (the previous file, if any, stays
+    whole until the new one is complete)."""
     try:
         with atomic_open(path, "wb") as file:
-            torch.save(state, file)
+            torch.save({"format": CHECKPOINT_FORMAT, "step": step, **state}, file)
     except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError of its zip writer
         raise CheckpointError(
             f"cannot write the checkpoint {path}: {write_failure(path.parent, error)}; the earlier checkpoints are intact"
         ) from None
-    remove_stale_temp_files(path.parent)  # left by a write that was killed earlier
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
     return path
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint, write_checkpoint
 from training.config import trajectory_changes
 from training.distributed import DistInfo
 from training.state import Progress, capture_rng, restore_rng
@@ -125,6 +125,20 @@ class Checkpointer:
         assert self.run_dir is not None, "attach() the run directory first"
         if self._saved == progress.state_dict():
             return self.latest() if self.dist.is_main else None
+        state = self._gather()
+        self._saved = progress.state_dict()
+        if state is None:
+            return None
+        return save_checkpoint(state, self.run_dir, progress.step, self.keep_last)
+
+    def save_as(self, progress: Progress, path: Path) -> Path | None:
+        """Write every registered state to ``path`` (all ranks call it; rank 0 writes), outside the numbered
+        checkpoints: neither counted by ``keep_last`` nor replacing one of them (the best checkpoint)."""
+        state = self._gather()
+        return None if state is None else write_checkpoint(state, path, progress.step)
+
+    def _gather(self) -> dict[str, Any] | None:
+        """The whole checkpoint on rank 0 (``None`` on the others, which take part in the collectives)."""
         state: dict[str, Any] = {}
         for entry in self._entries:  # on every rank: some take part in a collective (the sampler's counts)
             value = entry.state.state_dict()
@@ -134,10 +148,7 @@ class Checkpointer:
         if self.dist.world_size > 1:
             gathered = [None] * self.dist.world_size
             dist.all_gather_object(gathered, rank_state)
-        self._saved = progress.state_dict()
-        if not self.dist.is_main:
-            return None
-        return save_checkpoint({**state, "ranks": gathered, **self.static}, self.run_dir, progress.step, self.keep_last)
+        return {**state, "ranks": gathered, **self.static} if self.dist.is_main else None
 
     # --------------------------------------------------------------------------------- restoring
     def restore(self, path: Path, *, same_run: bool) -> None:

@@ -123,7 +123,8 @@ class Trainer:
         self.run_dir, self.run_name, self.project_name, new_lock = prepare_run_dir(config, dist_info, plan, self.numerics)
         self._lock = self._lock or new_lock
         self.checkpointer.attach(self.run_dir)
-        self.best.after_restore(plan.checkpoint, same_run=plan.continues_run, step=self.progress.step)
+        if plan.checkpoint is not None:
+            self.best.after_restore(same_run=plan.continues_run)
         self.logger: RunLogger | None = None
         if not dist_info.is_main:
             return

@@ -16,7 +16,7 @@ from analysis.benchmark import main
 
 def test_tiny_benchmark_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--preset", "tiny", "--variants", "gd,iwrm", "--engines", "auto,gramian", "--batch-size", "4", "--steps", "1", "--warmup", "1"]
-    assert main([*argv, "--projector-sizes", "6", "--out", str(tmp_path)]) == 0
+    assert main([*argv, "--projector-sizes", "6", "--ab-repetitions", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "benchmark-tiny-cpu-eager.json").read_text())
     assert report["header"]["isolated"] is True and report["header"]["batch_size"] == 4
     rows = {row["variant"]: row for row in report["results"]}
@@ -32,4 +32,9 @@ def test_tiny_benchmark_writes_every_figure(tmp_path: Path, capsys: pytest.Captu
     markdown = (tmp_path / "benchmark-tiny-cpu-eager.md").read_text()
     assert "| iwrm[auto] | iwrm_with_q_halt_in | per_sample | 4 |" in markdown
     assert all(row["min_ms"] <= row["median_ms"] for row in rows.values())
+    # Interleaved A/B: one ratio per repetition for every JD variant, none for GD itself.
+    assert rows["gd"]["ab_ratios"] == [] and all(
+        len(rows[v]["ab_ratios"]) == 2 and min(rows[v]["ab_ratios"]) > 0 for v in ("iwrm[auto]", "iwrm[gramian]")
+    )
+    assert "Interleaved: GD and the variant built in one process" in markdown
     assert "wrote" in capsys.readouterr().out

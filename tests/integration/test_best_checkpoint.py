@@ -89,12 +89,13 @@ def test_a_killed_run_resumes_with_the_same_best(sudoku_data: Path, tmp_path: Pa
     assert_identical(a, b, "best.pt")
 
 
-def test_a_kill_between_the_checkpoint_and_the_copy_is_mended_on_resume(sudoku_data: Path, tmp_path: Path) -> None:
+def test_a_kill_after_an_evaluation_before_its_best_is_written_is_mended_on_resume(sudoku_data: Path, tmp_path: Path) -> None:
     common = dict(max_steps=8, eval_steps="[2,4,6]", keep_last=20, checkpoint_best="eval/lm_loss", checkpoint_best_mode="max")
     reference = Path(run(compose(tiny_overrides(sudoku_data, tmp_path, run_name="reference", **common)))["run_dir"])
     best_step = json.loads((reference / "summary.json").read_text())["best"]["weights"]["step"]
     assert best_step < 8
-    # The state of a run killed right after writing the best step's checkpoint, before copying it to best.pt.
+    assert load_checkpoint(reference / "checkpoints" / f"step_{best_step:08d}.pt")["progress"]["eval_pending"] == 1, "best.pt is its own file"
+    # The state of a run killed right after the best step's evaluation, before best.pt was written.
     run_dir = tmp_path / "sudoku4" / "killed"
     shutil.copytree(reference, run_dir)
     (run_dir / "checkpoints" / "best.pt").unlink()

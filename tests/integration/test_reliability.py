@@ -153,8 +153,7 @@ def _damaged_copies(source: Path, root: Path) -> list[tuple[Path, str]]:
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
 def test_resuming_from_any_step_reproduces_the_uninterrupted_run(case: str, sudoku_data: Path, tmp_path: Path) -> None:
     steps = 8  # 6 batches per epoch: steps 7-8 run in the second data iteration, after an evaluation
-    # checkpoint_best=false: a new best would rewrite step 7's checkpoint after its evaluation (tests/integration/test_best_checkpoint.py)
-    common = dict(max_steps=steps, eval_interval=1, checkpoint_interval=1, keep_last=100, checkpoint_best=False, **RESUME_CASES[case])
+    common = dict(max_steps=steps, eval_interval=1, checkpoint_interval=1, keep_last=100, **RESUME_CASES[case])
     reference = tmp_path / "reference"
     run(compose(tiny_overrides(sudoku_data, tmp_path, run_dir=reference, **common)))
     assert [int(p.stem.split("_")[1]) for p in list_checkpoints(reference)] == list(range(1, steps + 1))
