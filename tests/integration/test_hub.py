@@ -125,3 +125,31 @@ def test_push_to_hub_is_checked_before_the_upload(exported: Path, runs: dict[str
     assert "Uploading 3 files" in done.stdout and (out / "model.safetensors").is_file()
     with pytest.raises(Exception, match="pickled checkpoints"):
         upload_plan(runs["ema"] / "checkpoints")
+
+
+def test_a_reference_checkpoint_in_a_hub_folder_loads_with_its_config(tmp_path: Path) -> None:
+    """The layout of published reference runs (e.g. ChanBeDu/arctrm-c: FOLDER/all_config.yaml and FOLDER/step_N):
+    naming the file fetches it with the all_config.yaml beside it, and it scores as the local copy."""
+    from tests.conftest import FIXTURES
+
+    source = FIXTURES / "reference" / "checkpoints" / "trm_mlpt_sudoku"
+    cache = hub_cache(tmp_path / "hf", "alice/arctrm", {"mini-GC/step_3": source / "step_3", "mini-GC/all_config.yaml": source / "all_config.yaml"})
+    data = str(FIXTURES / "reference" / "sudoku")
+    assert evaluate_cli(str(source / "step_3"), "--data", data, "--out", str(tmp_path / "local")) == 0
+    done = offline(
+        cache,
+        "-m",
+        "analysis.evaluate",
+        "hf://alice/arctrm/mini-GC/step_3",
+        "--data",
+        data,
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(tmp_path / "hub"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "(all_config.yaml)" in done.stderr and "is missing" not in done.stderr  # fetched beside the file
+    local = json.loads((tmp_path / "local" / "metrics.json").read_text())["metrics"]
+    assert json.loads((tmp_path / "hub" / "metrics.json").read_text())["metrics"] == local
