@@ -46,15 +46,15 @@ from analysis.depth import depth_table, halting_summary, plot_depth, summary_lin
 from dataset.atomic import atomic_write_text
 from dataset.common import DatasetError, DatasetMetadata, read_metadata
 from dataset.puzzle_dataset import PuzzleDataset
-from evaluators.depth import DepthEvaluation, parse_depths, parse_halt_rules
+from evaluators.depth import parse_depths, parse_halt_rules
 from evaluators.puzzle_ids import IdentifierVariant, identifier_table, parse_identifier_variants
 from models.losses import ACTLossHead
 from models.recursive_reasoning.act import ACTModel
 from models.registry import build_model
-from training.checkpoint import BEST_NAME, BEST_RAW_NAME, CheckpointError, load_checkpoint, read_state, resolve_weights
+from training.checkpoint import BEST_NAME, BEST_RAW_NAME, CheckpointError, checked_state, read_state, resolve_weights
 from training.config import EVALUATOR_NAMES, ConfigError, EvaluatorConfig, TrainConfig, parse_config
 from training.distributed import DistInfo, setup_distributed, teardown_distributed
-from training.evaluation import ExampleProgress, build_evaluators, evaluate
+from training.evaluation import ExampleProgress, build_evaluators, evaluate, evaluate_depths
 from training.reference_checkpoint import describe_sources, is_reference_state, read_reference_checkpoint
 
 RESULT_FILES = ("metrics.json", "submission.json")
@@ -118,7 +118,7 @@ def read_checkpoint(
         return _read_reference(path, raw, overrides, data_paths)
     if overrides:
         raise EvalInputError(f"--set: {path} carries its own config; --set applies to reference checkpoints only")
-    state = load_checkpoint(path, map_location="cpu")
+    state = checked_state(raw, path)  # read once
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path}: the checkpoint holds no training config, so the model cannot be rebuilt")
     if path.name in (BEST_NAME, BEST_RAW_NAME) and Path(checkpoint_or_run).is_dir():
@@ -450,7 +450,7 @@ def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo) -> dict[s
         "device": str(dist_info.device),
     }
     if args.steps:
-        record.update(evaluate_depths(plan, parse_depths(args.steps), parse_halt(args.halt), dist_info, quiet=args.quiet))
+        record.update(report_depths(plan, parse_depths(args.steps), parse_halt(args.halt), dist_info, quiet=args.quiet))
     elif args.puzzle_ids is not None:
         record.update(evaluate_identifier_variants(plan, parse_identifier_variants(args.puzzle_ids), dist_info, quiet=args.quiet))
     else:
@@ -482,15 +482,11 @@ def _print_metrics(metrics: dict[str, float]) -> None:
         print(f"  {key:<{width}}  {metrics[key]:.6g}")
 
 
-def evaluate_depths(plan: EvalPlan, depths: list[int], rules: tuple[str, ...], dist_info: DistInfo, *, quiet: bool) -> dict[str, Any]:
+def report_depths(plan: EvalPlan, depths: list[int], rules: tuple[str, ...], dist_info: DistInfo, *, quiet: bool) -> dict[str, Any]:
     """Scores at every step budget under every halting rule: the table, the summary and ``depth.png`` (rank 0)."""
-    depth = DepthEvaluation(plan.loaded.model, depths, rules, lambda: build_evaluators(plan.evaluator_configs, plan.data_paths))
     examples = ExampleProgress(plan.data, max_batches=plan.max_batches, enabled=dist_info.is_main and not quiet, desc="evaluating depths")
-    for index, batch in enumerate(examples.test_batches()):
-        if plan.max_batches is not None and index >= plan.max_batches:
-            break
-        depth.update_batch({key: value.to(dist_info.device) for key, value in batch.items()})
-    results = depth.result(dist_info.rank, dist_info.world_size)
+    make = lambda: build_evaluators(plan.evaluator_configs, plan.data_paths)
+    results = evaluate_depths(plan.loaded.model, examples, depths, rules, make, dist_info, max_batches=plan.max_batches)
     if not dist_info.is_main:
         return {}
     summary = halting_summary(results)

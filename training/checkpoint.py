@@ -143,7 +143,11 @@ def read_state(path: Path, map_location: torch.device | str = "cpu") -> Any:
 
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """Load a checkpoint of this toolkit safely (``weights_only=True``) with a clear error if it is not one."""
-    state = read_state(path, map_location)
+    return checked_state(read_state(path, map_location), path)
+
+
+def checked_state(state: Any, path: Path) -> dict[str, Any]:
+    """``state`` (as :func:`read_state` returned it) if it is a checkpoint of this toolkit, else a :class:`CheckpointError`."""
     if is_reference_state(state):
         raise CheckpointError(
             f"{path}: a reference TRM checkpoint (weights only, no training state): start a new run from it with "

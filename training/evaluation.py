@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -42,17 +42,32 @@ def evaluation_metric_names(configs: list[EvaluatorConfig], depths: Sequence[int
     return names
 
 
-def depth_metrics(model: ACTModel, data: PuzzleDataset, depths: Sequence[int], dist_info: DistInfo, max_batches: int | None) -> dict[str, float]:
-    """Exact accuracy at each step budget (``eval/exact_accuracy@K``) and, for a model with a Q-head, when it
-    halts samples itself (``eval/exact_accuracy@K/q`` with its mean steps ``eval/steps@K/q``)."""
-    rules = ("max",) if model.config.no_act else ("max", "q")
-    depth = DepthEvaluation(model, depths, rules, lambda: [ExactMatchEvaluator("eval")])
+def evaluate_depths(
+    model: ACTModel,
+    data: PuzzleDataset | ExampleProgress,
+    depths: Sequence[int],
+    rules: Sequence[str],
+    make_evaluators: Callable[[], list[Evaluator]],
+    dist_info: DistInfo,
+    *,
+    max_batches: int | None,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """:class:`evaluators.depth.DepthEvaluation` over the test split (``max_batches`` of it); the results on rank 0."""
+    depth = DepthEvaluation(model, depths, rules, make_evaluators)
     for index, batch in enumerate(data.test_batches()):
         if max_batches is not None and index >= max_batches:
             break
         depth.update_batch({key: value.to(dist_info.device) for key, value in batch.items()})
+    return depth.result(dist_info.rank, dist_info.world_size)
+
+
+def depth_metrics(model: ACTModel, data: PuzzleDataset, depths: Sequence[int], dist_info: DistInfo, max_batches: int | None) -> dict[str, float]:
+    """Exact accuracy at each step budget (``eval/exact_accuracy@K``) and, for a model with a Q-head, when it
+    halts samples itself (``eval/exact_accuracy@K/q`` with its mean steps ``eval/steps@K/q``)."""
+    rules = ("max",) if model.config.no_act else ("max", "q")
+    results = evaluate_depths(model, data, depths, rules, lambda: [ExactMatchEvaluator("eval")], dist_info, max_batches=max_batches)
     out: dict[str, float] = {}
-    for rule, by_depth in depth.result(dist_info.rank, dist_info.world_size).items():
+    for rule, by_depth in results.items():
         suffix = "" if rule == "max" else f"/{rule}"
         for budget, row in by_depth.items():
             out[f"eval/exact_accuracy@{budget}{suffix}"] = row["eval/exact_accuracy"]
