@@ -30,9 +30,11 @@ from matplotlib.lines import Line2D
 from analysis.plot_gd_similarity import (
     GD_SIMILARITY,
     build_curves,
+    clipping_note,
     draw_curves,
     effective_window,
     ensure_writable,
+    group_colors,
     label_fields_arg,
     positive_int_arg,
     save_figure,
@@ -53,7 +55,6 @@ HTML_REPORT = "report.html"
 
 # Metrics drawn as learning curves, in panel order, when at least one run logged them.
 CURVE_METRICS = ("train/lm_loss", "eval/exact_accuracy", "ARC/pass@2", GD_SIMILARITY, "jd/conflict_fraction")
-_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
 
 def _last(values: np.ndarray) -> float:
@@ -355,7 +356,7 @@ def learning_curves_figure(runs: Sequence[Run], group_by: Sequence[str], smooth:
     if not metrics:
         raise AnalysisError(f"no run logged any of {', '.join(CURVE_METRICS)}; nothing to plot")
     names = [group_name(key, group_by) for key in group_runs(runs, group_by)]
-    colors = {name: _COLORS[i % len(_COLORS)] for i, name in enumerate(names)}
+    colors = group_colors(runs, group_by)
     columns = min(len(metrics), 3)
     rows = math.ceil(len(metrics) / columns)
     figure = Figure(figsize=(4.4 * columns, 3.4 * rows + 0.9), layout="constrained")
@@ -368,8 +369,9 @@ def learning_curves_figure(runs: Sequence[Run], group_by: Sequence[str], smooth:
         ax.set_visible(False)
     for ax, metric in zip(axes, metrics):
         window = auto_window(runs, metric) if smooth is None else effective_window(runs, metric, smooth)
-        draw_curves(ax, build_curves(runs, metric, group_by=group_by, smooth=window), band=True, ylabel=metric, colors=colors)
-        ax.set_title(metric + (f" (trailing mean over {window} points)" if window > 1 else ""), fontsize="small")
+        clipped = draw_curves(ax, build_curves(runs, metric, group_by=group_by, smooth=window), band=True, ylabel=metric, colors=colors)
+        notes = ([f"trailing mean over {window} points"] if window > 1 else []) + ([clipping_note(metric)] if clipped else [])
+        ax.set_title(metric + (f" ({'; '.join(notes)})" if notes else ""), fontsize="small")
     handles = [Line2D([], [], color=colors[name], label=name) for name in names]
     figure.legend(handles=handles, loc="outside lower center", ncols=min(len(names), 3), fontsize="small")
     return figure

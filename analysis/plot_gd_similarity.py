@@ -5,9 +5,9 @@ took the GD step. One line per run, or, with ``--group-by``, one mean line per g
 aggregator, the mean over seeds) with ``--band`` shading mean ± one standard deviation across the group.
 
     python -m analysis.plot_gd_similarity runs/sweep1 --group-by split,aggregator --band --smooth 20 \\
-        --out assets/gd_similarity_sweep1
+        --out reports/sweep1/gd_similarity
 
-writes ``assets/gd_similarity_sweep1.png`` and ``.svg``. GD runs carry no JD diagnostics; they are
+writes ``reports/sweep1/gd_similarity.png`` and ``.svg``. GD runs carry no JD diagnostics; they are
 listed and skipped (the dashed line at 1 is where they would sit).
 """
 
@@ -30,6 +30,31 @@ from analysis.wandb_source import WandbUnavailableError
 
 GD_SIMILARITY = "jd/gd_similarity"
 FIGURE_FORMATS = ("png", "svg")
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def group_colors(runs: Sequence[Run], group_by: Sequence[str] = DEFAULT_GROUP_BY) -> dict[str, str]:
+    """One colour per group of ``runs`` (by its name), and per run (by its source) the colour of its group.
+
+    Give every figure of a report the colours of *all* its runs (GD ones included, even where a figure
+    skips them), so that a method has the same colour in each figure.
+    """
+    colors: dict[str, str] = {}
+    for index, (key, members) in enumerate(group_runs(runs, group_by).items()):
+        colors[group_name(key, group_by)] = COLORS[index % len(COLORS)]
+        colors.update({run.source: COLORS[index % len(COLORS)] for run in members})
+    return colors
+
+
+def metric_range(metric: str) -> tuple[float, float] | None:
+    """The values ``metric`` can take, where its name says: shares and accuracies ``[0, 1]``, cosines ``[-1, 1]``."""
+    name = metric.rsplit("/", 1)[-1]
+    if "accuracy" in name or "pass@" in name or "fraction" in name:
+        return (0.0, 1.0)
+    if "similarity" in name or "alignment" in name or name.startswith("cos"):
+        return (-1.0, 1.0)
+    return None
 
 
 class OutputExistsError(AnalysisError):
@@ -110,22 +135,39 @@ def build_curves(runs: Sequence[Run], metric: str, group_by: Sequence[str] | Non
     return [mean_curve(group_name(key, group_by), members, metric, smooth) for key, members in groups.items()]
 
 
-def draw_curves(ax: Axes, curves: Sequence[Curve], band: bool, ylabel: str, colors: Mapping[str, str] | None = None) -> None:
+def draw_curves(ax: Axes, curves: Sequence[Curve], band: bool, ylabel: str, colors: Mapping[str, str] | None = None) -> bool:
     """Draw the curves on ``ax``; with ``band``, shade mean ± std for curves that have a spread.
 
-    ``colors`` maps a curve's ``key`` to a colour (so a group keeps its colour across panels); curves
-    not in it take the next colour of the axes' cycle.
+    ``colors`` maps a curve's ``key`` to a colour (so a method keeps its colour across panels and
+    figures, see :func:`group_colors`); curves sharing a colour differ in line style. A band is clipped
+    to the metric's range (:func:`metric_range`, from ``ylabel``); returns whether any was, for a note.
     """
+    bounds = metric_range(ylabel)
+    clipped = False
+    uses: dict[str, int] = {}
     for curve in curves:
         color = (colors or {}).get(curve.key)
+        style = LINESTYLES[uses.get(color or curve.key, 0) % len(LINESTYLES)]
+        uses[color or curve.key] = uses.get(color or curve.key, 0) + 1
         marker = "o" if curve.steps.size <= 30 else None  # a few points would barely show as a line
-        (line,) = ax.plot(curve.steps, curve.mean, label=curve.label, linewidth=1.4, color=color, marker=marker, markersize=3)
+        (line,) = ax.plot(curve.steps, curve.mean, label=curve.label, linewidth=1.4, color=color, linestyle=style, marker=marker, markersize=3)
         if band and curve.std is not None:
-            ax.fill_between(curve.steps, curve.mean - curve.std, curve.mean + curve.std, color=line.get_color(), alpha=0.2, linewidth=0)
+            low, high = curve.mean - curve.std, curve.mean + curve.std
+            if bounds is not None:
+                clipped |= bool(np.any(low < bounds[0]) or np.any(high > bounds[1]))
+                low, high = np.clip(low, *bounds), np.clip(high, *bounds)
+            ax.fill_between(curve.steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even on a short run
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
+    return clipped
+
+
+def clipping_note(metric: str) -> str:
+    """The words a title gets when a band of ``metric`` was clipped to its range."""
+    low, high = metric_range(metric) or (float("-inf"), float("inf"))
+    return f"band clipped to [{low:g}, {high:g}]"
 
 
 def output_paths(base: Path, formats: Sequence[str] = FIGURE_FORMATS) -> list[Path]:
@@ -170,16 +212,19 @@ def split_by_metric(runs: Sequence[Run], metric: str) -> tuple[list[Run], list[R
     return [r for r in runs if has_values(r, metric)], [r for r in runs if not has_values(r, metric)]
 
 
-def gd_similarity_figure(curves: Sequence[Curve], metric: str = GD_SIMILARITY, band: bool = False, title: str | None = None) -> Figure:
-    """A figure of the curves, with GD's similarity (1) as a dashed reference when plotting it."""
-    figure = Figure(figsize=(8.0, 4.5))
+def gd_similarity_figure(
+    curves: Sequence[Curve], metric: str = GD_SIMILARITY, band: bool = False, title: str | None = None, colors: Mapping[str, str] | None = None
+) -> Figure:
+    """A figure of the curves, with GD's similarity (1) as a dashed reference when plotting it; the
+    legend below the axes, never over the curves."""
+    figure = Figure(figsize=(8.0, 4.5 + 0.22 * (len(curves) + 1) / 2), layout="constrained")
     ax = figure.add_subplot()
-    draw_curves(ax, curves, band=band, ylabel=metric)
+    clipped = draw_curves(ax, curves, band=band, ylabel=metric, colors=colors)
     if metric == GD_SIMILARITY:
         ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1.0, label="GD (similarity 1)")
         ax.set_ylabel("GD similarity  cos(JD update, GD update)")
-    ax.set_title(title or f"{metric} against training step")
-    ax.legend(fontsize="small", loc="best")
+    ax.set_title((title or f"{metric} against training step") + (f" ({clipping_note(metric)})" if clipped else ""), fontsize="medium")
+    figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
     return figure
 
 
@@ -192,11 +237,13 @@ def plot_gd_similarity(
     group_by: Sequence[str] | None = None,
     band: bool = False,
     overwrite: bool = False,
+    colors: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Plot ``metric`` for the runs that logged it and write PNG and SVG next to ``out``.
 
     With ``band`` and no ``group_by`` the runs are grouped by split and aggregator. Runs without the
-    metric are reported on stderr and skipped; ``MissingMetricError`` if none has it.
+    metric are reported on stderr and skipped; ``MissingMetricError`` if none has it. ``colors``
+    (default: :func:`group_colors` of ``runs``, skipped ones included) gives each method its colour.
     """
     paths = output_paths(out)
     ensure_writable(paths, overwrite)
@@ -210,11 +257,12 @@ def plot_gd_similarity(
         raise MissingMetricError(
             f"none of the {len(runs)} run(s) logged {metric!r}; GD runs (jd.split=none) and runs with jd.diagnostics=false log no jd/ metrics"
         )
+    colors = colors if colors is not None else group_colors(runs, group_by or DEFAULT_GROUP_BY)
     curves = build_curves(with_metric, metric, group_by=group_by, smooth=smooth)
     window = effective_window(with_metric, metric, smooth)
     smoothing = f", trailing mean over {window} logged points" if window > 1 else ""
     title = f"{metric}{smoothing}"
-    return save_figure(gd_similarity_figure(curves, metric, band=band, title=title), paths)
+    return save_figure(gd_similarity_figure(curves, metric, band=band, title=title, colors=colors), paths)
 
 
 def positive_int_arg(text: str) -> int:

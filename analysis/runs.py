@@ -194,9 +194,12 @@ class Run:
 
     @property
     def epochs(self) -> str:
-        """``epochs`` as text (a label: e.g. GD at the JD runs' epochs vs GD given their wall-clock)."""
+        """``epochs`` as text (a label: e.g. GD at the JD runs' epochs vs GD given their wall-clock); with
+        ``max_steps`` set, that bound too (``18, max_steps=50``), so a label says how long the run trained."""
         value = _config_value(self.config, "epochs")
-        return UNKNOWN if value is None else str(value)
+        bound = _config_value(self.config, "max_steps")
+        text = UNKNOWN if value is None else str(value)
+        return text if bound is None else f"{text}, max_steps={bound}"
 
     @property
     def arch(self) -> str:

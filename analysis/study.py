@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.compare import compare
-from analysis.plot_gd_similarity import GD_SIMILARITY, plot_gd_similarity, split_by_metric
+from analysis.plot_gd_similarity import GD_SIMILARITY, group_colors, plot_gd_similarity, split_by_metric
 from analysis.runs import AnalysisError
 from analysis.sources import load_runs
 
@@ -236,7 +236,10 @@ def write_report(out_dir: Path, recipe: Recipe) -> list[Path]:
     written = compare(runs, report, group_by=recipe.group_by, html=True, overwrite=True)
     jd_runs, _ = split_by_metric(runs, GD_SIMILARITY)
     if jd_runs:
-        written += plot_gd_similarity(jd_runs, report / "gd_similarity", group_by=recipe.group_by, band=True, smooth=20, overwrite=True)
+        colors = group_colors(runs, recipe.group_by)  # the learning curves' colours: one per method in every figure
+        written += plot_gd_similarity(
+            jd_runs, report / "gd_similarity", group_by=recipe.group_by, band=True, smooth=20, overwrite=True, colors=colors
+        )
     return written
 
 

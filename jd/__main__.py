@@ -1,13 +1,16 @@
 """``python -m jd``: what the ``jd.*`` config accepts, from the registries themselves.
 
 Lists every split (with ``m`` and its formula), aggregator and scalarizer (with their required and
-optional arguments), engine, stack semantics, and the training presets.
+optional arguments), engine, stack semantics, and the training presets. ``python -m jd --markdown``
+prints the split table of ``docs/jacobian-descent.md`` (a test keeps the two equal).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
@@ -50,5 +53,23 @@ def describe() -> str:
     return "\n".join(lines)
 
 
+def split_table() -> str:
+    """The splits as a Markdown table, from each split's own description (``docs/jacobian-descent.md`` holds it)."""
+    rows = ["| `jd.split` | objectives |", "|---|---|"]
+    for name in split_names():
+        description = " ".join(get_split(name).describe().replace("``", "`").split())
+        rows.append(f"| `{name}` | {description.replace('|', '&#124;')} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the listing, or with ``--markdown`` the split table."""
+    parser = argparse.ArgumentParser(prog="python -m jd", description="What the jd.* config accepts.")
+    parser.add_argument("--markdown", action="store_true", help="print the split table as Markdown (docs/jacobian-descent.md)")
+    args = parser.parse_args(argv)
+    sys.stdout.write((split_table() if args.markdown else describe()) + "\n")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.stdout.write(describe() + "\n")
+    sys.exit(main())

@@ -139,10 +139,11 @@ def solve_lcp(
         matrix: ``[m, m]``, symmetric positive definite (or semi-definite with ``q`` in its range).
         offsets: ``[k, m]``, one problem per row.
         max_iterations: pivoting iterations at most.
-        row_scale, lower: ``[m]`` and ``[k, m]`` with ``offsets = lower @ matrix``; when given, ``y_j``
-            counts as non-negative down to ``-1e-10 * row_scale_j * sqrt(v^T matrix v)`` with
-            ``v = lower + x`` the projection: a tolerance relative to objective ``j``'s own gradient
-            norm (``row_scale = sqrt(diag(matrix))``), instead of to the problem's largest entry.
+        row_scale: ``[m]``, with ``lower``: ``y_j`` counts as non-negative down to
+            ``-1e-10 * row_scale_j * sqrt(v^T matrix v)`` with ``v = lower + x`` the projection: a
+            tolerance relative to objective ``j``'s own gradient norm (``row_scale = sqrt(diag(matrix))``),
+            instead of to the problem's largest entry.
+        lower: ``[k, m]``, with ``offsets = lower @ matrix`` (see ``row_scale``).
 
     Returns:
         ``x`` of shape ``[k, m]`` and a ``[k]`` mask of the problems solved within ``max_iterations``

@@ -102,7 +102,8 @@ class ScalarizerStep:
     """One scalarizer and what it needs across steps (see the module docstring).
 
     Args:
-        name, kwargs: ``jd.scalarizer`` and ``jd.scalarizer_kwargs``.
+        name: ``jd.scalarizer``.
+        kwargs: ``jd.scalarizer_kwargs``.
         num_objectives: ``m`` over all ranks, for the sized ones (``None`` when it may vary).
         device: where the scalarizer's parameters and buffers live.
     """

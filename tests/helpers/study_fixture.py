@@ -113,13 +113,14 @@ def run_like_the_fixture(trainer: Trainer, case: dict[str, Any], settings: dict[
     return grads, objectives, len(rows)
 
 
-def _readme_section(start: str, stop: str) -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def _study_page_section(start: str, stop: str | None = None) -> str:
+    """The text of docs/study.md from ``start`` to ``stop`` (the page's end when None)."""
+    text = (REPO / "docs" / "study.md").read_text(encoding="utf-8")
     begin = text.index(start)
-    return text[begin : text.index(stop, begin + len(start))]
+    return text[begin:] if stop is None else text[begin : text.index(stop, begin + len(start))]
 
 
 def _rerun_commands() -> list[str]:
-    section = _readme_section("## Re-running the JD study", "### Differences from the JD study's code")
+    section = _study_page_section("# Re-running the JD study", "## Differences from the JD study's code")
     block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
     return [line.strip() for line in block.splitlines() if line.strip().startswith("python pretrain.py ") and " -m " not in line]

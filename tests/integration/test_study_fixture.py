@@ -93,8 +93,8 @@ def test_each_setting_of_the_preset_shows_in_the_update(name: str, override: str
 
 
 @pytest.mark.parametrize("index", range(4))
-def test_the_readmes_rerun_commands_log_the_studys_m(index: int, study_data: Path, tmp_path: Path) -> None:
-    """Each README command, on the fixture's tiny model, data and Q-head checkpoint (halt_max_steps=5 so
+def test_the_study_pages_rerun_commands_log_the_studys_m(index: int, study_data: Path, tmp_path: Path) -> None:
+    """Each docs/study.md command, on the fixture's tiny model, data and Q-head checkpoint (halt_max_steps=5 so
     that K = h shows against the default cap of 4), shortened to 3 steps: it logs the study's m every step."""
     import shlex
 

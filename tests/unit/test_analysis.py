@@ -216,3 +216,54 @@ def test_archived_runs_with_gzipped_metrics_read_the_same(sweep: Path, tmp_path:
     (archived / "metrics.jsonl").write_bytes(b'{"step": 1, "train/lm_loss": 1.0}\n\xff\xfe\n')
     with pytest.raises(RunLoadError, match="not UTF-8"):
         load_run_dir(archived)
+
+
+def test_a_method_has_one_colour_in_every_figure_and_legends_stay_off_the_curves(sweep: Path) -> None:
+    """The learning curves (all runs) and the GD-similarity figure (JD runs only: GD is skipped) give
+    IWRM + UPGrad the same colour; the GD-similarity legend sits outside the axes."""
+    from analysis.compare import learning_curves_figure
+    from analysis.plot_gd_similarity import build_curves, gd_similarity_figure, group_colors, split_by_metric
+
+    runs = load_runs([sweep], progress=False)
+    group_by = ("split", "aggregator")
+
+    def colours(figure: object) -> dict[str, str]:
+        lines = [line for ax in figure.axes for line in ax.get_lines()]  # type: ignore[attr-defined]
+        return {line.get_label().split(" (n=")[0]: line.get_color() for line in lines if not line.get_label().startswith("_")}
+
+    curves_figure = learning_curves_figure(runs, group_by)
+    jd_runs, skipped = split_by_metric(runs, "jd/gd_similarity")
+    assert skipped  # the GD runs: a colour index over JD runs alone would shift every method's colour
+    similarity = gd_similarity_figure(build_curves(jd_runs, "jd/gd_similarity", group_by=group_by), colors=group_colors(runs, group_by))
+    shared = {"iwrm_with_q_halt_in / upgrad", "iwrm_with_q_halt_in / mgda"}
+    assert {name: colours(curves_figure)[name] for name in shared} == {name: colours(similarity)[name] for name in shared}
+    assert len({colours(similarity)[name] for name in shared}) == 2
+    assert similarity.axes[0].get_legend() is None and len(similarity.legends) == 1
+
+
+def test_a_band_past_the_metrics_range_is_clipped_and_the_title_says_so() -> None:
+    from matplotlib.figure import Figure
+
+    from analysis.plot_gd_similarity import Curve, draw_curves
+
+    steps = np.arange(1, 6)
+    curve = Curve(key="a", label="a (n=2)", steps=steps, mean=np.full(5, 0.9), std=np.full(5, 0.3), n_runs=2)
+    ax = Figure().add_subplot()
+    assert draw_curves(ax, [curve], band=True, ylabel="eval/exact_accuracy")
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.max() <= 1.0 and band.min() == pytest.approx(0.6)
+    assert not draw_curves(Figure().add_subplot(), [curve], band=True, ylabel="train/lm_loss")  # no range known: unclipped
+
+
+def test_the_epochs_label_says_when_max_steps_bounded_the_run(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    run_dir = write_run(tmp_path / "runs", "short")
+    config = OmegaConf.load(run_dir / "config.yaml")
+    config.epochs = 18
+    OmegaConf.save(config, run_dir / "config.yaml")
+    (run,) = load_runs([run_dir], progress=False)
+    assert run.label("epochs") == "18, max_steps=20"
+    config.max_steps = None
+    OmegaConf.save(config, run_dir / "config.yaml")
+    assert load_runs([run_dir], progress=False)[0].label("epochs") == "18"

@@ -22,8 +22,8 @@ from tests.conftest import REPO
 from tests.helpers.study_fixture import (
     ARCH,
     CASES,
-    _readme_section,
     _rerun_commands,
+    _study_page_section,
     run_like_the_fixture,
     study_trainer,
 )
@@ -127,16 +127,16 @@ def test_every_split_and_setting_has_a_row_in_the_differences_table() -> None:
     from jd.config import JDConfig
     from jd.splits import split_names
 
-    table = _readme_section("### Differences from the JD study's code", "\n## ")
+    table = _study_page_section("## Differences from the JD study's code")
     first_cells = " ".join(line.split("|")[1] for line in table.splitlines() if line.startswith("| "))
     missing = [f"`{name}`" for name in split_names() if f"`{name}`" not in first_cells]
     missing += [f"`jd.{field}`" for field in JDConfig.model_fields if f"`jd.{field}`" not in first_cells]
     preset = yaml.safe_load((REPO / "config" / "compat" / "jd_study.yaml").read_text(encoding="utf-8"))
     missing += [f"`{key}`" for key in _flat_keys(preset) if f"`{key}`" not in first_cells]
-    assert not missing, f"README's differences table has no row for {missing}"
+    assert not missing, f"docs/study.md's differences table has no row for {missing}"
 
 
-def test_the_readme_has_the_rerun_commands_and_each_uses_the_preset() -> None:
+def test_the_study_page_has_the_rerun_commands_and_each_uses_the_preset() -> None:
     commands = _rerun_commands()
     assert len(commands) >= 4
     assert all("compat=jd_study" in command and "init_from=" in command for command in commands)
