@@ -16,7 +16,8 @@ runs in a fresh process (``--isolate``, the default there) and the figure is how
 peak resident memory grew from before the model was built: the same quantities, plus allocator slack.
 
 ``--projector-sizes 32,96`` also times the dual-cone projections of UPGrad (``m`` quadratic programs
-on an ``m x m`` Gramian) with TorchJD's quadprog projector and with this project's pivoting one.
+on an ``m x m`` Gramian) with TorchJD's quadprog projector and with this project's pivoting one, on
+synthetic and on real harvested Gramians (:mod:`analysis.projector_benchmark`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from typing import Any
 
 import torch
 
+from analysis.projector_benchmark import projector_markdown, time_projectors
 from jd.config import JDConfig
-from jd.projector import PivotingProjector
 from jd.splits import method_of
 from jd.step import build_jd_step
 from models.losses import ACTLossHead
@@ -307,33 +308,6 @@ def run_isolated(name: str, preset: dict[str, Any], jd_values: dict[str, Any], *
     return outcome
 
 
-def time_projectors(sizes: list[int], device: torch.device, repeats: int = 5) -> list[dict[str, Any]]:
-    """Median ms of UPGrad's ``m`` dual-cone projections with each solver, on the Gramian of a seeded
-    ``[m, 2048]`` Jacobian whose first third of rows conflicts with the rest."""
-    from torchjd.linalg import QuadprogProjector
-
-    rows = []
-    for m in sizes:
-        generator = torch.Generator().manual_seed(m)
-        jacobian = torch.randn(m, 2048, generator=generator) + 0.3 * torch.randn(2048, generator=generator)
-        jacobian[: m // 3] *= -0.5
-        gramian = (jacobian @ jacobian.T).to(device)
-        lower = torch.diag(torch.full((m,), 1.0 / m, device=device))
-        row: dict[str, Any] = {"m": m}
-        for label, projector in (("quadprog_ms", QuadprogProjector()), ("pivoting_ms", PivotingProjector())):
-            times = []
-            for _ in range(repeats + 1):
-                started = time.perf_counter()
-                projector(lower, gramian)  # type: ignore[arg-type]  # TorchJD's PSDMatrix marker is a Tensor at run time
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - started) * 1000)
-            row[label] = statistics.median(times[1:])
-        row["speedup"] = row["quadprog_ms"] / row["pivoting_ms"]
-        rows.append(row)
-    return rows
-
-
 def to_markdown(results: list[Result], header: dict[str, Any], projectors: list[dict[str, Any]] | None = None) -> str:
     lines = [
         f"Benchmark: preset `{header['preset']}`, {header['device_name']}, compile={header['compile']}, threads={header.get('threads')}, "
@@ -365,14 +339,7 @@ def to_markdown(results: list[Result], header: dict[str, Any], projectors: list[
             reason = MEMORY_NOTES.get(base, "no explanation is recorded for this variant in analysis.benchmark.MEMORY_NOTES")
             lines.append(f"- {r.variant} uses {r.mem_ratio_to_gd:.1f}x GD's memory: {reason}.")
     if projectors:
-        lines += [
-            "",
-            "UPGrad's m dual-cone projections (median ms):",
-            "",
-            "| m | quadprog (TorchJD) | pivoting (jd.projector) | speed-up |",
-            "|---:|---:|---:|---:|",
-        ]
-        lines += [f"| {p['m']} | {p['quadprog_ms']:.1f} | {p['pivoting_ms']:.1f} | {p['speedup']:.1f}x |" for p in projectors]
+        lines += projector_markdown(projectors)
     return "\n".join(lines) + "\n"
 
 
@@ -394,7 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="each variant in a fresh process (default: on for CPU, where it measures peak memory)",
     )
-    parser.add_argument("--projector-sizes", default="", help="comma-separated m: also time UPGrad's projections with both solvers")
+    parser.add_argument(
+        "--projector-sizes",
+        default="",
+        help="comma-separated m: also time UPGrad's projections with both solvers, on synthetic Gramians and the harvested ones of these sizes",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
     parser.add_argument("--engines", default="auto", help="comma-separated jd.engine values to try for JD variants")
     parser.add_argument("--aggregator", default="upgrad")

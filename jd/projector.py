@@ -16,7 +16,8 @@ complementarity problems
 found in a few iterations by block principal pivoting (Judice and Pires, 1994): guess which
 coordinates are free (``x_i`` unknown, ``y_i = 0``), solve the free block, and swap every coordinate
 whose sign is wrong, falling back to swapping one coordinate at a time (Murty's rule) when the number
-of wrong signs stops falling. Each iteration is one batched solve of the ``k`` programs' free blocks.
+of wrong signs stops falling. Each iteration is one batched solve of the ``k`` programs' free blocks,
+each gathered to its own size (the free set, not ``m``) and solved beside problems of similar size.
 
 Exact by default (``reg_eps=0``). ``y = G v`` is the vector of inner products of every objective's
 gradient with the projection, so ``y >= 0`` is what makes the update conflict-free. TorchJD solves the
@@ -51,6 +52,7 @@ _RELATIVE_TOLERANCE = 1e-10
 _ROUNDOFF = 1e-13  # float64 round-off allowance of y = G v, relative to sum_k sqrt(G_kk) |v_k|
 _EXACT_PIVOTING_ROUNDS = 25  # exact programs left unsolved after this many rounds go to Lawson-Hanson
 _SINGULAR_PIVOT = 1e-7  # a Cholesky pivot this small relative to the largest: solve by pseudo-inverse
+_GROUP = 16  # problems solved together by _solve_free_block (systems padded to the group's largest free set)
 
 
 class PivotingProjector(DualConeProjector):
@@ -217,14 +219,35 @@ def nnls_gram(matrix: Tensor, offsets: Tensor, lower: Tensor, row_scale: Tensor,
 
 def _solve_free_block(matrix: Tensor, offsets: Tensor, free: Tensor) -> Tensor:
     """``x`` with ``x_F = -matrix_FF^{-1} q_F`` on each problem's free set ``F`` and ``0`` elsewhere
-    (the minimum-norm solution when ``matrix_FF`` is singular: duplicated or dependent gradients)."""
-    both_free = free[:, :, None] & free[:, None, :]
-    system = torch.where(both_free, matrix, 0.0) + torch.diag_embed((~free).to(matrix.dtype))
-    rhs = -(offsets * free).unsqueeze(-1)
+    (the minimum-norm solution when ``matrix_FF`` is singular: duplicated or dependent gradients).
+
+    Each problem's free coordinates are gathered first, so the systems are ``f x f`` (padded by the
+    identity), not ``m x m``; problems are solved in groups of similar ``f`` (sorted by it), so that one
+    large free set does not pad every other problem's system to its size."""
+    counts = free.sum(1)
+    if free.shape[0] <= _GROUP:
+        return _solve_gathered(matrix, offsets, free, counts)
+    x = torch.empty_like(offsets)
+    for group in torch.argsort(counts).split(_GROUP):
+        x[group] = _solve_gathered(matrix, offsets[group], free[group], counts[group])
+    return x
+
+
+def _solve_gathered(matrix: Tensor, offsets: Tensor, free: Tensor, counts: Tensor) -> Tensor:
+    """:func:`_solve_free_block` for one group of problems, on systems the size of its largest free set."""
+    n, m = free.shape
+    size = int(counts.max()) if n else 0
+    if size == 0:
+        return torch.zeros_like(offsets)
+    order = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :size]  # the free coordinates first
+    valid = torch.arange(size, device=free.device)[None, :] < counts[:, None]
+    both = valid[:, :, None] & valid[:, None, :]
+    system = torch.where(both, matrix[order[:, :, None], order[:, None, :]], 0.0) + torch.diag_embed((~valid).to(matrix.dtype))
+    rhs = -(offsets.gather(1, order) * valid).unsqueeze(-1)
     factor, info = torch.linalg.cholesky_ex(system)
     pivots = factor.diagonal(dim1=-2, dim2=-1)
     singular = (info != 0) | (pivots.amin(-1) <= _SINGULAR_PIVOT * pivots.amax(-1))
     solution = torch.cholesky_solve(rhs, factor).squeeze(-1)
     if bool(singular.any()):  # duplicated or dependent gradients: the consistent system's minimum-norm solution
         solution[singular] = (torch.linalg.pinv(system[singular], hermitian=True) @ rhs[singular]).squeeze(-1)
-    return solution
+    return torch.zeros_like(offsets).scatter_(1, order, solution * valid)

@@ -11,7 +11,7 @@ from torchjd.aggregation import DualProj, UPGrad
 from torchjd.linalg import QuadprogProjector
 
 from jd.aggregators import build_aggregator
-from jd.projector import PivotingProjector, _regularized, solve_lcp
+from jd.projector import PivotingProjector, _regularized, _solve_free_block, solve_lcp
 
 
 def _jacobian(m: int, n: int, seed: int, conflicting: bool) -> torch.Tensor:
@@ -156,3 +156,71 @@ def test_bad_settings_are_named() -> None:
         PivotingProjector(reg_eps=-1.0)
     with pytest.raises(ValueError, match="max_iterations must be positive"):
         PivotingProjector(max_iterations=0)
+
+
+def test_gathered_free_blocks_equal_each_problems_own_solve() -> None:
+    """Free blocks gathered to their own size and solved in groups of similar size give each problem's
+    direct solve (the minimum-norm one where the block is singular: a duplicated gradient)."""
+    generator = torch.Generator().manual_seed(0)
+    m, k = 20, 40  # more problems than one group holds
+    factor = torch.randn(m, 12, generator=generator, dtype=torch.float64)
+    factor[3] = factor[5]  # a duplicate: blocks holding both are singular
+    matrix = factor @ factor.T
+    offsets = torch.randn(k, 12, generator=generator, dtype=torch.float64) @ factor.T  # in the range: consistent
+    free = torch.rand(k, m, generator=generator) < torch.linspace(0.05, 0.6, k)[:, None]
+    free[0] = False
+    got = _solve_free_block(matrix, offsets, free)
+    for row in range(k):
+        mask = free[row]
+        expected = torch.zeros(m, dtype=torch.float64)
+        if mask.any():
+            expected[mask] = torch.linalg.pinv(matrix[mask][:, mask], hermitian=True) @ -offsets[row, mask]
+        torch.testing.assert_close(got[row], expected, rtol=1e-7, atol=1e-9)
+
+
+def _update_cosines(gramian: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    norms = gramian.diagonal().sqrt()
+    live = norms > 0
+    return (gramian @ weights)[live] / (norms[live] * (weights @ gramian @ weights).sqrt())
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_real_harvested_gramians_get_conflict_free_updates(size: int) -> None:
+    """The committed Gramians of IWRM training on the demo task (``tests/fixtures/gramians``, made by
+    ``python -m analysis.harvest_gramians``): UPGrad's update harms no objective, at every stage."""
+    from analysis.harvest_gramians import load_gramians
+    from analysis.projector_benchmark import HARVESTED, upgrad_weights
+
+    cases = {name: gramian for name, gramian in load_gramians(HARVESTED).items() if gramian.shape[0] == size}
+    assert len(cases) == 3  # early, mid and late training
+    for name, gramian in cases.items():
+        cosines = _update_cosines(gramian, upgrad_weights(PivotingProjector(), gramian))
+        assert cosines.min() >= -1e-6, name
+
+
+def _late_training_jacobian(family: str, m: int = 128, n: int = 4000, rank: int = 48) -> torch.Tensor:
+    """Jacobians shaped like late instance-wise training: rank 48 << m, and solved samples' zero rows,
+    duplicated and near-duplicated rows (the same puzzle), or tiny rows."""
+    generator = torch.Generator().manual_seed(7)
+    basis = torch.randn(rank, n, generator=generator, dtype=torch.float64)
+    jacobian = torch.randn(m, rank, generator=generator, dtype=torch.float64) @ basis - 0.5 * basis.sum(0)
+    if family != "low_rank":
+        jacobian[: m // 4] = 0.0
+    if family == "duplicates":
+        jacobian[m // 4 : m // 2] = jacobian[m // 2 : 3 * m // 4]
+    if family == "near_duplicates":
+        noise = torch.randn(m // 4, n, generator=generator, dtype=torch.float64)
+        jacobian[m // 4 : m // 2] = jacobian[m // 2 : 3 * m // 4] * 1.000001 + 1e-7 * noise
+    if family == "tiny":
+        jacobian[m // 4 : m // 3] *= 1e-6
+    return jacobian
+
+
+@pytest.mark.parametrize("family", ["low_rank", "zero_rows", "duplicates", "near_duplicates", "tiny"])
+def test_late_training_families_get_conflict_free_updates(family: str) -> None:
+    """Cosines from the explicit Jacobian: >= -1e-6 for every objective with a gradient."""
+    jacobian = _late_training_jacobian(family)
+    update = UPGrad(projector=PivotingProjector())(jacobian)
+    norms = jacobian.norm(dim=1)
+    cosines = (jacobian @ update)[norms > 0] / (norms[norms > 0] * update.norm())
+    assert update.norm() > 0 and cosines.min() >= -1e-6

@@ -1,0 +1,145 @@
+"""UPGrad's dual-cone projections timed with each solver, on synthetic and on real harvested Gramians.
+
+``python -m analysis.benchmark --projector-sizes 64,128,256`` calls :func:`time_projectors`: for every
+size ``m`` a seeded synthetic Gramian (a ``[m, 2048]`` Jacobian whose first third of rows conflicts with
+the rest) and every harvested Gramian of that size (``tests/fixtures/gramians``, written by
+``python -m analysis.harvest_gramians``), each solved by TorchJD's quadprog projector and by
+:class:`jd.projector.PivotingProjector`. A row gives the median time, the smallest cosine between
+UPGrad's update and any objective's gradient (negative: the update harms that objective), and for a
+harvested Gramian the median time of one GD step of the demo model on a batch of ``m`` samples,
+measured in the same process, the cost the projections add to.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from jd.projector import PivotingProjector
+
+REPO = Path(__file__).resolve().parents[1]
+HARVESTED = REPO / "tests" / "fixtures" / "gramians"
+QUADPROG_MAX_M = 256  # TorchJD's quadprog took 11 s at m = 256 on real Gramians (one CPU thread): larger ones are skipped
+
+
+def synthetic_gramian(m: int) -> Tensor:
+    """The seeded Gramian of a ``[m, 2048]`` Jacobian whose first third of rows conflicts with the rest."""
+    generator = torch.Generator().manual_seed(m)
+    jacobian = torch.randn(m, 2048, generator=generator) + 0.3 * torch.randn(2048, generator=generator)
+    jacobian[: m // 3] *= -0.5
+    return (jacobian @ jacobian.T).to(torch.float64)
+
+
+def update_min_cosine(gramian: Tensor, weights: Tensor) -> float:
+    """``min_j cos(J^T w, g_j)`` over objectives with a non-zero gradient, from the Gramian alone."""
+    inner = gramian @ weights
+    norms = gramian.diagonal().clamp_min(0).sqrt()
+    update_norm = float((weights @ inner).clamp_min(0).sqrt())
+    live = norms > 1e-12 * norms.max()
+    if update_norm == 0 or not bool(live.any()):
+        return 1.0
+    return float((inner[live] / (norms[live] * update_norm)).min())
+
+
+def upgrad_weights(projector: Callable[[Tensor, Tensor], Tensor], gramian: Tensor) -> Tensor:
+    """UPGrad's weights: the mean of the ``m`` projections of the rows of ``I / m``."""
+    m = gramian.shape[0]
+    lower = torch.diag(torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device))
+    return projector(lower, gramian).sum(0)
+
+
+def _median_ms(action: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeats + 1):  # the first is a warm-up
+        started = time.perf_counter()
+        result = action()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times[1:]), result
+
+
+def demo_gd_step_ms(batch: int, steps: int = 3) -> float:
+    """Median ms of a GD step of the demo model (CPU) on ``batch`` samples, after one warm-up step."""
+    import tempfile
+
+    from analysis.harvest_gramians import CPU
+    from pretrain import compose_config, ensure_demo_data
+    from training.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        overrides = [f"global_batch_size={batch}", f"runs_root={scratch}", "eval_steps=[]", "progress_bar=false", "wandb.mode=disabled", "device=cpu"]
+        config = compose_config(overrides)
+        ensure_demo_data(config, CPU)
+        trainer = Trainer(config, CPU)
+        times = []
+        for _ in range(steps + 1):
+            started = time.perf_counter()
+            trainer.step()
+            times.append((time.perf_counter() - started) * 1000)
+        trainer.data.close()
+    return statistics.median(times[1:])
+
+
+def projector_cases(sizes: list[int], harvested: Path = HARVESTED) -> list[tuple[str, Tensor]]:
+    """``(name, Gramian)``: the synthetic one of each size, then the harvested ones of those sizes."""
+    cases = [(f"synthetic m={m}", synthetic_gramian(m)) for m in sizes]
+    if (harvested / "gramians.npz").exists():
+        from analysis.harvest_gramians import load_gramians
+
+        cases += [(f"real {name}", gramian) for name, gramian in load_gramians(harvested).items() if gramian.shape[0] in sizes]
+    return cases
+
+
+def time_projectors(sizes: list[int], device: torch.device, repeats: int = 3, harvested: Path = HARVESTED) -> list[dict[str, Any]]:
+    """One row per case of :func:`projector_cases`: each solver's median ms and its update's smallest cosine."""
+    from torchjd.linalg import QuadprogProjector
+
+    solvers: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"quadprog": QuadprogProjector(), "pivoting": PivotingProjector()}  # type: ignore[dict-item]  # TorchJD's PSDMatrix marker is a Tensor at run time
+    gd_ms: dict[int, float] = {}
+    rows = []
+    for name, gramian in projector_cases(sizes, harvested):
+        m = gramian.shape[0]
+        gramian = gramian.to(device)
+        row: dict[str, Any] = {"case": name, "m": m}
+        for label, solver in solvers.items():
+            if label == "quadprog" and m > QUADPROG_MAX_M:
+                row[f"{label}_ms"] = row[f"{label}_min_cos"] = None
+                continue
+            row[f"{label}_ms"], weights = _median_ms(partial(upgrad_weights, solver, gramian), repeats, device)
+            row[f"{label}_min_cos"] = update_min_cosine(gramian.double(), weights.double())
+        row["speedup"] = row["quadprog_ms"] / row["pivoting_ms"] if row["quadprog_ms"] else None
+        if name.startswith("real") and device.type == "cpu":
+            gd_ms.setdefault(m, demo_gd_step_ms(m))
+        row["gd_step_ms"] = gd_ms.get(m)
+        rows.append(row)
+        print(f"projector {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def projector_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows as a Markdown table with its legend."""
+    number = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+    lines = [
+        "",
+        "UPGrad's m dual-cone projections (median ms; min cos: the smallest cosine of UPGrad's update with any objective's gradient;",
+        f"GD step: one GD step of the demo model on m samples, same process; quadprog skipped above m = {QUADPROG_MAX_M}):",
+        "",
+        "| Gramian | m | quadprog (TorchJD) | min cos | pivoting (jd.projector) | min cos | speed-up | GD step | pivoting / GD step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ratio = row["pivoting_ms"] / row["gd_step_ms"] if row.get("gd_step_ms") else None
+        lines.append(
+            f"| {row['case']} | {row['m']} | {number(row['quadprog_ms'], '.1f')} | {number(row['quadprog_min_cos'], '+.2e')} | "
+            f"{row['pivoting_ms']:.1f} | {number(row['pivoting_min_cos'], '+.2e')} | {number(row['speedup'], '.1f')} | "
+            f"{number(row.get('gd_step_ms'), '.0f')} | {number(ratio, '.2f')} |"
+        )
+    return lines
