@@ -68,9 +68,7 @@ def per_sample_update(
     assert weighting is not None
     weights = weighting(gramian).to(gramian.dtype)
     mix = m * (coefficients.T @ weights)  # [U * B]: each per-sample gradient's coefficient in the update
-    param_grads = [
-        torch.tensordot(mix.to(slot[0].dtype), torch.stack(slot).reshape(len(units) * batch, *slot[0].shape[1:]), dims=1) for slot in per_sample
-    ]
+    param_grads = [torch.tensordot(mix.to(slot[0].dtype), _stacked(slot), dims=1) for slot in per_sample]
     if not all_finite(*param_grads):
         return JDUpdate(m)
     final_rows: list[Tensor] = []
@@ -130,11 +128,17 @@ def _unit_gradients(units: list[_Unit], leaves: list[Tensor], step_rows: list[Te
     return per_sample, row_grads
 
 
+def _stacked(slot: list[Tensor]) -> Tensor:
+    """One leaf's per-sample gradients of every unit as ``[U * B, *shape]``: the one unit's own tensor (no
+    copy) when there is one, as for instance-wise splits."""
+    return slot[0] if len(slot) == 1 else torch.cat(slot)
+
+
 def _sample_gramian(per_sample: list[list[Tensor]], row_grads: list[Tensor], units: list[_Unit], batch: int, like: Tensor) -> Tensor:
     """``E E^T`` over the units' samples, in float32; ``row_grads`` (empty: rows left out) add their diagonal blocks."""
     inner = like.new_zeros(len(units) * batch, len(units) * batch).float()
     for slot in per_sample:
-        flat = torch.stack(slot).reshape(len(units) * batch, -1).float()
+        flat = _stacked(slot).reshape(len(units) * batch, -1).float()
         inner += flat @ flat.T
     if row_grads:
         for i, (k_i, _, _) in enumerate(units):
