@@ -116,8 +116,8 @@ def time_projectors(sizes: list[int], device: torch.device, repeats: int = 3, ha
             row[f"{label}_ms"], weights = _median_ms(partial(upgrad_weights, solver, gramian), repeats, device)
             row[f"{label}_min_cos"] = update_min_cosine(gramian.double(), weights.double())
         row["speedup"] = row["quadprog_ms"] / row["pivoting_ms"] if row["quadprog_ms"] else None
-        if name.startswith("real") and device.type == "cpu":
-            gd_ms.setdefault(m, demo_gd_step_ms(m))
+        if name.startswith("real") and device.type == "cpu" and m not in gd_ms:
+            gd_ms[m] = demo_gd_step_ms(m)  # once per size
         row["gd_step_ms"] = gd_ms.get(m)
         rows.append(row)
         print(f"projector {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
