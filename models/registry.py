@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from models.layers import Block, ReasoningModule
 from models.recursive_reasoning.act import ACTModel, RecursiveCore
 from models.recursive_reasoning.config import ArchConfig
 from models.recursive_reasoning.hrm import HRMCore
@@ -38,9 +39,13 @@ def build_model(config: ArchConfig, *, seq_len: int, vocab_size: int, num_puzzle
     return model.to(device)
 
 
-def compile_core(model: ACTModel, *, repeated_backward: bool) -> None:
+def compile_core(model: ACTModel, *, repeated_backward: bool, regional: bool = False) -> None:
     """Compile the model's recursive core with ``torch.compile``, in place (state-dict keys unchanged).
 
+    ``regional``: compile only the repeated region, each reasoning module (the stack of blocks the
+    recursion calls ``H_cycles x (L_cycles + 1)`` times per supervision step; the blocks themselves for a
+    core without one), so that one compiled graph serves every call, instead of the whole unrolled
+    recursion; the code between the calls runs eagerly.
     ``repeated_backward``: Jacobian descent back-propagates one graph more than once (once per Jacobian
     row or loss channel), which AOTAutograd's donated buffers forbid, so they are switched off; this
     is a process-wide PyTorch setting.
@@ -49,4 +54,9 @@ def compile_core(model: ACTModel, *, repeated_backward: bool) -> None:
         import torch._functorch.config as functorch_config  # not loaded by `import torch`
 
         functorch_config.donated_buffer = False
-    model.core.compile()
+    if not regional:
+        model.core.compile()
+        return
+    regions: list[torch.nn.Module] = [module for module in model.core.modules() if isinstance(module, ReasoningModule)]
+    for module in regions or [module for module in model.core.modules() if isinstance(module, Block)]:
+        module.compile()

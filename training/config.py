@@ -114,8 +114,10 @@ class TrainConfig(BaseModel):
     checkpoint_best_raw: bool = Field(default=True, description="with ema=true, also evaluate the live weights and keep their best")
     max_nonfinite_steps: int = Field(default=20, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: Literal["auto", "true", "false"] | bool = Field(
-        default="auto", description="torch.compile: on CUDA by default; false to disable (or DISABLE_COMPILE=1)"
+    compile: Literal["auto", "true", "false", "regional"] | bool = Field(
+        default="auto",
+        description="torch.compile: on CUDA by default; false to disable (or DISABLE_COMPILE=1); "
+        "regional: compile only the repeated reasoning module, once, instead of the whole unrolled recursion",
     )
     log_interval: int = Field(default=1, ge=1)
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; null: the cores this process may use (README)")
@@ -158,7 +160,12 @@ class TrainConfig(BaseModel):
             return self.compile
         if self.compile == "auto":
             return device_type == "cuda" and os.environ.get("DISABLE_COMPILE", "0") in ("", "0")
-        return self.compile == "true"
+        return self.compile in ("true", "regional")
+
+    @property
+    def regional_compile(self) -> bool:
+        """``compile=regional``: only the repeated region is compiled (:func:`models.registry.compile_core`)."""
+        return self.compile == "regional"
 
     def check_world(self, world_size: int) -> None:
         """Sizes that depend on the number of processes."""

@@ -41,7 +41,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_numerics(device: torch.device, forward_dtype: torch.dtype, compiled: bool, world_size: int) -> dict[str, Any]:
+def run_numerics(device: torch.device, forward_dtype: torch.dtype, compiled: bool | str, world_size: int) -> dict[str, Any]:
     """Everything besides the config that changes this process's numbers (read when the run starts)."""
     return {
         "threads": torch.get_num_threads(),

@@ -98,7 +98,7 @@ class Trainer:
         self.params = self.optimizers.jacobian_params  # what the backward differentiates (frozen weights included)
         self.ema = EMA(self.model, config.ema_rate) if config.ema else None
         if config.compile_enabled(dist_info.device.type):
-            compile_core(self.model, repeated_backward=config.jd.split != "none")
+            compile_core(self.model, repeated_backward=config.jd.split != "none", regional=config.regional_compile)
         self.evaluation = evaluation_for(config, self.loss_head, self.data, dist_info, self.ema)
         self.scalarizer_schedule = ScalarizerSchedule(self.jd_step.scalarizer, self.data.train, self.data.epochs_per_iter)
         self.cadence = Cadence(config, self.total_steps, is_main=dist_info.is_main)
@@ -119,7 +119,8 @@ class Trainer:
             resume_step = self.progress.step
         elif plan.continues_run:
             resume_step = 0
-        self.numerics = run_numerics(dist_info.device, self.model.forward_dtype, config.compile_enabled(dist_info.device.type), dist_info.world_size)
+        compiled: bool | str = ("regional" if config.regional_compile else True) if config.compile_enabled(dist_info.device.type) else False
+        self.numerics = run_numerics(dist_info.device, self.model.forward_dtype, compiled, dist_info.world_size)
         self.run_dir, self.run_name, self.project_name, new_lock = prepare_run_dir(config, dist_info, plan, self.numerics)
         self._lock = self._lock or new_lock
         self.checkpointer.attach(self.run_dir)

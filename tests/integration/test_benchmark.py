@@ -38,3 +38,14 @@ def test_tiny_benchmark_writes_every_figure(tmp_path: Path, capsys: pytest.Captu
     )
     assert "Interleaved: GD and the variant built in one process" in markdown
     assert "wrote" in capsys.readouterr().out
+
+
+def test_compile_benchmark_runs_each_row_in_its_own_process_and_tabulates(capsys: pytest.CaptureFixture[str]) -> None:
+    """Eager rows (the compiled ones take minutes on CPU: their figures are in docs/performance.md)."""
+    from analysis.compile_benchmark import main as compile_main
+
+    assert compile_main(["--modes", "eager", "--variants", "gd,iwrm-per_sample", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| gd | eager | - |" in out and "| iwrm-per_sample | eager | - |" in out
+    with pytest.raises(SystemExit):
+        compile_main(["--modes", "jit"])

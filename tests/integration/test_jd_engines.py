@@ -22,13 +22,13 @@ def test_engines_under_torch_compile_give_the_eager_gradients() -> None:
     core, and Jacobian rows back-propagated one at a time through a compiled backward."""
     from models.registry import compile_core
 
-    def gradients(engine: str, compiled: bool) -> list[torch.Tensor]:
+    def gradients(engine: str, compiled: bool, regional: bool = False) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = build_model(
             tiny_arch(halt_exploration_prob=0.0), seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=PUZZLES, device=torch.device("cpu")
         )
         if compiled:
-            compile_core(model, repeated_backward=True)
+            compile_core(model, repeated_backward=True, regional=regional)
         head = ACTLossHead(model)
         step = build_jd_step(JDConfig(split="iwrm_with_q_halt_in", engine=engine, parallel_chunk_size=1))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -41,8 +41,27 @@ def test_engines_under_torch_compile_give_the_eager_gradients() -> None:
 
     try:
         eager = gradients("per_sample", compiled=False)
-        for engine in ("per_sample", "gramian"):
-            for a, b in zip(gradients(engine, compiled=True), eager):
+        for engine, regional in (("per_sample", False), ("gramian", False), ("per_sample", True)):
+            for a, b in zip(gradients(engine, compiled=True, regional=regional), eager):
                 torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-6)
     finally:
         torch._dynamo.reset()
+
+
+def test_regional_compile_compiles_the_repeated_module_only() -> None:
+    """``compile=regional``: every reasoning module is compiled (one graph for all its calls), the core is not."""
+    from models.layers import ReasoningModule
+    from models.registry import compile_core
+
+    for arch in ("trm", "hrm"):
+        model = build_model(
+            tiny_arch(name=arch, H_layers=1 if arch == "hrm" else 0),
+            seq_len=SEQ,
+            vocab_size=VOCAB,
+            num_puzzle_identifiers=PUZZLES,
+            device=torch.device("cpu"),
+        )
+        compile_core(model, repeated_backward=False, regional=True)
+        regions = [module for module in model.core.modules() if isinstance(module, ReasoningModule)]
+        assert regions and all(module._compiled_call_impl is not None for module in regions)
+        assert model.core._compiled_call_impl is None

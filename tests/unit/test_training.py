@@ -81,3 +81,12 @@ def test_python_m_jd_lists_what_the_config_accepts() -> None:
     text = describe()
     assert all(f"  {name}" in text for name in split_names() + scalarizer_names())
     assert "constant       weights*" in text and "experiment= (config/experiment/): arc1, arc1_single_gpu" in text
+
+
+def test_compile_regional_is_a_compile_mode() -> None:
+    """``compile=regional`` turns compilation on (any device) and asks for the repeated module only."""
+    regional = compose(["compile=regional"])
+    assert regional.compile_enabled("cpu") and regional.regional_compile
+    whole = compose(["compile=true"])
+    assert whole.compile_enabled("cpu") and not whole.regional_compile
+    assert not compose(["compile=false"]).compile_enabled("cuda")
