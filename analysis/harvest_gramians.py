@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jd.diagnostics import diagnostics_from_weights
 from jd.update import JDUpdate
 from training.config import TrainConfig
 from training.distributed import DistInfo
@@ -33,23 +34,15 @@ from training.trainer import Trainer
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def _config(scratch: Path, name: str, batch: int, seed: int) -> TrainConfig:
+def demo_config(
+    scratch: Path, name: str, batch: int, seed: int = 0, method: Sequence[str] = ("jd.split=iwrm_with_q_halt_in", "jd.aggregator=upgrad")
+) -> TrainConfig:
+    """The demo's config on ``batch`` samples per step, run ``name`` under ``scratch``, quiet and on CPU;
+    ``method``: the ``jd.*`` overrides (IWRM + UPGrad by default, ``()`` for GD)."""
     from pretrain import compose_config
 
-    return compose_config(
-        [
-            "jd.split=iwrm_with_q_halt_in",
-            "jd.aggregator=upgrad",
-            f"global_batch_size={batch}",
-            f"runs_root={scratch}",
-            f"run_name={name}",
-            f"seed={seed}",
-            "eval_steps=[]",
-            "progress_bar=false",
-            "wandb.mode=disabled",
-            "device=cpu",
-        ]
-    )
+    overrides = [f"global_batch_size={batch}", f"runs_root={scratch}", f"run_name={name}", f"seed={seed}"]
+    return compose_config([*method, *overrides, "eval_steps=[]", "progress_bar=false", "wandb.mode=disabled", "device=cpu"])
 
 
 def gramian_of_batch(trainer: Trainer) -> torch.Tensor:
@@ -74,13 +67,13 @@ def describe(gramian: torch.Tensor) -> dict[str, Any]:
     """What makes a Gramian hard for the projector: its scale, numerical rank, zero rows and conflicts."""
     eigenvalues = torch.linalg.eigvalsh(gramian)
     diagonal = gramian.diagonal()
-    off = ~torch.eye(gramian.shape[0], dtype=torch.bool)
+    statistics = diagnostics_from_weights(gramian, torch.ones_like(diagonal))
     return {
         "m": gramian.shape[0],
         "trace": float(diagonal.sum()),
         "numerical_rank": int((eigenvalues > 1e-10 * eigenvalues.max()).sum()),
         "zero_rows": int((diagonal <= 1e-12 * diagonal.max()).sum()),
-        "conflict_fraction": float((gramian[off] < 0).double().mean()),
+        "conflict_fraction": statistics["jd/conflict_fraction"],
     }
 
 
@@ -90,7 +83,7 @@ def harvest(stages: Sequence[int], sizes: Sequence[int], late_sizes: Sequence[in
     with tempfile.TemporaryDirectory() as scratch:
         from pretrain import ensure_demo_data
 
-        training = _config(Path(scratch), "train", 64, seed)
+        training = demo_config(Path(scratch), "train", 64, seed)
         ensure_demo_data(training, CPU)
         trainer = Trainer(training, CPU)
         for stage in sorted(stages):
@@ -98,7 +91,7 @@ def harvest(stages: Sequence[int], sizes: Sequence[int], late_sizes: Sequence[in
                 if trainer.step() is None:
                     raise SystemExit(f"error: the demo's data ran out before step {stage}")
             for m in [*sizes, *(late_sizes if stage == max(stages) else [])]:
-                probe = Trainer(_config(Path(scratch), f"probe-{stage}-{m}", m, seed + stage), CPU)
+                probe = Trainer(demo_config(Path(scratch), f"probe-{stage}-{m}", m, seed + stage), CPU)
                 probe.model.load_state_dict(trainer.model.state_dict())
                 gramians[f"step{stage}-m{m}"] = gramian_of_batch(probe)
                 probe.data.close()

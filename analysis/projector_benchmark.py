@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from jd.diagnostics import diagnostics_from_weights
 from jd.projector import PivotingProjector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +39,9 @@ def synthetic_gramian(m: int) -> Tensor:
 
 
 def update_min_cosine(gramian: Tensor, weights: Tensor) -> float:
-    """``min_j cos(J^T w, g_j)`` over objectives with a non-zero gradient, from the Gramian alone."""
-    inner = gramian @ weights
-    norms = gramian.diagonal().clamp_min(0).sqrt()
-    update_norm = float((weights @ inner).clamp_min(0).sqrt())
-    live = norms > 1e-12 * norms.max()
-    if update_norm == 0 or not bool(live.any()):
-        return 1.0
-    return float((inner[live] / (norms[live] * update_norm)).min())
+    """``min_j cos(J^T w, g_j)`` over objectives with a non-zero gradient, from the Gramian alone (the
+    training diagnostic ``jd/update_alignment_min``)."""
+    return diagnostics_from_weights(gramian, weights)["jd/update_alignment_min"]
 
 
 def upgrad_weights(projector: Callable[[Tensor, Tensor], Tensor], gramian: Tensor) -> Tensor:
@@ -70,13 +66,12 @@ def demo_gd_step_ms(batch: int, steps: int = 3) -> float:
     """Median ms of a GD step of the demo model (CPU) on ``batch`` samples, after one warm-up step."""
     import tempfile
 
-    from analysis.harvest_gramians import CPU
-    from pretrain import compose_config, ensure_demo_data
+    from analysis.harvest_gramians import CPU, demo_config
+    from pretrain import ensure_demo_data
     from training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as scratch:
-        overrides = [f"global_batch_size={batch}", f"runs_root={scratch}", "eval_steps=[]", "progress_bar=false", "wandb.mode=disabled", "device=cpu"]
-        config = compose_config(overrides)
+        config = demo_config(Path(scratch), "gd", batch, method=())
         ensure_demo_data(config, CPU)
         trainer = Trainer(config, CPU)
         times = []

@@ -167,6 +167,12 @@ class TrainConfig(BaseModel):
         """``compile=regional``: only the repeated region is compiled (:func:`models.registry.compile_core`)."""
         return self.compile == "regional"
 
+    def compile_record(self, device_type: str) -> bool | str:
+        """What the run's numerics record of compilation: ``False``, ``True`` (the whole core) or ``"regional"``."""
+        if not self.compile_enabled(device_type):
+            return False
+        return "regional" if self.regional_compile else True
+
     def check_world(self, world_size: int) -> None:
         """Sizes that depend on the number of processes."""
         per_step = world_size * self.grad_accum_steps

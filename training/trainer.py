@@ -119,8 +119,7 @@ class Trainer:
             resume_step = self.progress.step
         elif plan.continues_run:
             resume_step = 0
-        compiled: bool | str = ("regional" if config.regional_compile else True) if config.compile_enabled(dist_info.device.type) else False
-        self.numerics = run_numerics(dist_info.device, self.model.forward_dtype, compiled, dist_info.world_size)
+        self.numerics = run_numerics(dist_info.device, self.model.forward_dtype, config.compile_record(dist_info.device.type), dist_info.world_size)
         self.run_dir, self.run_name, self.project_name, new_lock = prepare_run_dir(config, dist_info, plan, self.numerics)
         self._lock = self._lock or new_lock
         self.checkpointer.attach(self.run_dir)

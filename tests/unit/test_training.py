@@ -90,3 +90,4 @@ def test_compile_regional_is_a_compile_mode() -> None:
     whole = compose(["compile=true"])
     assert whole.compile_enabled("cpu") and not whole.regional_compile
     assert not compose(["compile=false"]).compile_enabled("cuda")
+    assert [compose([f"compile={mode}"]).compile_record("cpu") for mode in ("false", "true", "regional", "auto")] == [False, True, "regional", False]
