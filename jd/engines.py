@@ -36,7 +36,9 @@ from jd.per_sample_engine import per_sample_update
 from jd.splits import SplitSpec, group_objectives
 from jd.update import JDUpdate
 from models.loss_terms import LossTerms
+from models.layers import InPlaceSum
 from models.per_sample import PerSampleWeights, per_sample_weights
+from models.registry import is_compiled
 
 
 class SplitObjectives:
@@ -123,33 +125,36 @@ class PerSampleEngine(_EngineBase):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._leaves: dict[nn.Parameter, Tensor] | None = None
+        self._weights: PerSampleWeights | None = None
+        self._mixings: dict[tuple[int, ...], Tensor] = {}  # the split's mixing matrices, by the losses' shapes
+        self._sums: dict[nn.Parameter, InPlaceSum] = {}  # per-sample gradient buffers, reused from step to step
         self._fallback = JacobianEngine("gramian", *args[1:])
 
     @contextlib.contextmanager
     def _scope(self, model: nn.Module, batch_size: int) -> Iterator[PerSampleWeights]:
-        weights = per_sample_weights(model, batch_size)
-        self._leaves = weights.by_parameter
+        weights = per_sample_weights(model, batch_size, in_place=not is_compiled(model), sums=self._sums)
+        self._weights = weights
         try:
             yield weights
         finally:
-            self._leaves = None
+            self._weights = None
 
     def forward_context(self, model: nn.Module, batch_size: int) -> contextlib.AbstractContextManager[PerSampleWeights | None]:
         return self._scope(model, batch_size)
 
     def update(self, steps: Sequence[LossTerms], params: list[Tensor], rows: list[Tensor]) -> JDUpdate:
-        if self._leaves is None:
+        if self._weights is None:
             return self._fallback.update(steps, params, rows)
         return per_sample_update(
             steps,
             params,
             rows,
             split=self.objectives.split,
-            leaves=self._leaves,
+            weights=self._weights,
             config=self.config,
             generator=self.objectives.generator,
             aggregators=self.aggregators,
+            mixings=self._mixings,
         )
 
 

@@ -28,7 +28,7 @@ EXAMPLES = {
     "models.layers": 1,
     "models.losses": 2,
     "models.optimizers": 5,
-    "models.per_sample": 6,
+    "models.per_sample": 7,
     "models.registry": 3,
     "models.sparse_embedding": 6,
     "training.best_checkpoint": 6,

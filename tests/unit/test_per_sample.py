@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
+from models.layers import CastedLinear
 from models.losses import ACTLossHead
 from models.per_sample import per_sample_weights
 from models.registry import build_model
@@ -12,8 +15,11 @@ from tests.conftest import tiny_arch
 from tests.unit.test_models import ARCHES, BATCH, PUZZLES, SEQ, VOCAB, make_batch
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "autograd"])
 @pytest.mark.parametrize("arch", list(ARCHES))
-def test_per_sample_gradients_equal_individual_gradients(arch: str) -> None:
+def test_per_sample_gradients_equal_individual_gradients(arch: str, in_place: bool) -> None:
+    """Both ways of summing a linear weight's per-sample gradient over its calls: in place (eager runs) and by
+    autograd (compiled models)."""
     torch.manual_seed(0)
     model = build_model(tiny_arch(**ARCHES[arch]), seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=PUZZLES, device=torch.device("cpu"))
     model.config = model.config.model_copy(update={"halt_exploration_prob": 0.0})
@@ -28,15 +34,38 @@ def test_per_sample_gradients_equal_individual_gradients(arch: str) -> None:
 
     torch.manual_seed(1)
     shared = dict(model.named_parameters())
-    weights = per_sample_weights(model, BATCH)
+    weights = per_sample_weights(model, BATCH, in_place=in_place)
     leaves = weights.by_parameter
+    assert bool(weights.in_place) == in_place
     _, terms2, _, _, _ = weights.call(head, head.initial_carry(batch), batch, global_batch_size=BATCH)
     torch.testing.assert_close(terms2.per_sample(), per_sample_losses)
     terms2.total().backward()
-    for index, param in enumerate(params):
-        got = leaves[param].grad
-        assert got is not None and got.shape == (BATCH, *param.shape)
+    gradients = weights.gradients(params, [leaves[param].grad for param in params])
+    for index, (param, got) in enumerate(zip(params, gradients)):
+        assert got.shape == (BATCH, *param.shape)
         for b in range(BATCH):
             torch.testing.assert_close(got[b], expected[b][index], rtol=1e-4, atol=1e-6)
     assert all(param.grad is None for param in params), "shared weights get no gradient in per-sample mode"
     assert dict(model.named_parameters()) == shared, "the model keeps its own parameters: the per-sample ones are passed to the call"
+
+
+def test_in_place_sums_cover_every_call_of_a_weight_and_restart_after_each_take() -> None:
+    """A weight called twice in one forward, with an input that takes a gradient and with one that does not:
+    the in-place sum holds both calls' shares, and is empty again once taken."""
+    torch.manual_seed(0)
+    layer = CastedLinear(3, 2)
+    tracked, untracked = torch.randn(4, 5, 3, requires_grad=True), torch.randn(4, 5, 3)
+
+    def loss(call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return (call(tracked).pow(2).sum(dim=(1, 2)) + call(untracked).sin().sum(dim=(1, 2))).sum()
+
+    weights = per_sample_weights(layer, 4)
+    leaf = weights.by_parameter[layer.weight]
+    [got] = weights.gradients([layer.weight], torch.autograd.grad(loss(lambda x: weights.call(layer, x)), [leaf], allow_unused=True))
+    assert weights.in_place[layer.weight].take() is None, "gradients() took the sum"
+    for b in range(4):
+        def one(x: torch.Tensor, b: int = b) -> torch.Tensor:
+            return layer(x[b : b + 1])
+
+        single = (one(tracked).pow(2).sum() + one(untracked).sin().sum())
+        torch.testing.assert_close(got[b], torch.autograd.grad(single, layer.weight)[0], rtol=1e-5, atol=1e-6)
