@@ -13,7 +13,8 @@ the work it replaces.
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the variant's steps (model, optimizer
 states, activations, Jacobians), with every variant in the benchmark's process. On CPU every variant
 runs in a fresh process (``--isolate``, the default there) and the figure is how far that process's
-peak resident memory grew from before the model was built: the same quantities, plus allocator slack.
+peak resident memory grew above what was resident just before the model was built (on Linux the
+kernel's peak is restarted there): the same quantities, plus allocator slack.
 
 ``--projector-sizes 32,96`` also times the dual-cone projections of UPGrad (``m`` quadratic programs
 on an ``m x m`` Gramian) with TorchJD's quadprog projector and with this project's pivoting one, on
@@ -27,6 +28,7 @@ import gc
 import json
 import multiprocessing
 import platform
+import re
 import statistics
 import sys
 import time
@@ -183,6 +185,7 @@ def run_variant(
         small = {**preset, "batch_size": 2}
         run_variant(name, small, jd_values, device=device, compile_model=compile_model, warmup=0, steps=1)
         gc.collect()
+    _restart_resident_peak()
     resident_before = _peak_resident_mib()
     torch.manual_seed(0)
     jd_config = JDConfig(**jd_values)
@@ -275,8 +278,26 @@ class _Variant:
         return metrics
 
 
+def _restart_resident_peak() -> None:
+    """Restart the kernel's record of this process's peak resident memory (Linux; elsewhere a no-op).
+
+    Without it the peak is the process's since it began, and a variant that stays below the peak of
+    what ran before it (its priming run, the imports) would read as growing by 0 MiB.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_resident_mib() -> float:
-    """This process's peak resident memory so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory since the last restart, in MiB (``VmHWM`` on Linux, else ``ru_maxrss``)."""
+    try:
+        match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    if match:
+        return int(match.group(1)) / 2**10
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

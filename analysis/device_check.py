@@ -17,6 +17,15 @@ Sections, each timed and each recorded even when it fails (the others still run)
    with a checkpoint): whether the loss fell, and ``train/data_wait_s`` against the step time.
 5. ``adam_atan2``: the fused CUDA Adam-atan2 and the pure-PyTorch one on the same gradients: largest
    parameter difference after the steps and time per step.
+6. ``projector``: UPGrad's dual-cone projections on the committed harvested Gramians (m = 64-768) and
+   synthetic ones, solved on the device by ``jd.projector`` (TorchJD's quadprog, on the host, up to
+   m = 128): median ms and the update's smallest cosine (``analysis.projector_benchmark``).
+7. ``compile``: compile time and steady step time of GD and the per-sample IWRM step, eager,
+   whole-core compile and regional compile, each in a fresh process with an empty inductor cache
+   (``analysis.compile_benchmark``; eager only in a dry run, where compiling takes minutes of C++).
+
+``--skip`` and ``--only`` take section names: ``--skip compile`` then ``--only compile`` splits the check
+in two calls (four cold compiles at the ``arc`` size, not yet timed on a GPU, beside the others).
 
 Writes ``device_check.json`` (everything) and ``device_check.md`` (the targets table) in ``--out``.
 Offline: install from wheels first (``pip install --no-index --find-links .whl -e ".[dev,cuda]"``; the
@@ -41,7 +50,9 @@ from typing import Any
 
 import torch
 
+from analysis import compile_benchmark
 from analysis.benchmark import PRESETS, Result, run_variant
+from analysis.projector_benchmark import projector_markdown, time_projectors
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_FILE = "device_check.json"
@@ -58,6 +69,7 @@ BENCHMARK_VARIANTS: dict[str, dict[str, Any]] = {
 REFERENCE_GD_MS = 112.0
 REFERENCE_GD_GIB = 17.2
 REFERENCE_BATCH = 96
+SECTIONS = ("gpu_tests", "benchmark", "max_batch", "arc_training", "adam_atan2", "projector", "compile")
 TIME_RATIO_TARGETS = {"lm_vs_halt": 1.5, "iwrm_per_sample": 1.5, "pixelwise_10": 5.0}
 MEMORY_RATIO_TARGET = 2.0
 
@@ -279,6 +291,25 @@ def adam_atan2(device: torch.device, steps: int = 20) -> dict[str, Any]:
     return results
 
 
+PROJECTOR_SIZES = (64, 128, 256, 512, 768)
+COMPILE_VARIANTS = ("gd", "iwrm-per_sample")
+
+
+def projector(device: torch.device, sizes: Sequence[int]) -> dict[str, Any]:
+    """UPGrad's projections on the device, harvested and synthetic Gramians (quadprog, on the host, up to m = 128)."""
+    return {"rows": time_projectors(list(sizes), device, quadprog_max_m=128)}
+
+
+def compile_rows(preset_name: str, device: torch.device, modes: Sequence[str], steps: int) -> dict[str, Any]:
+    """:mod:`analysis.compile_benchmark`'s rows for :data:`COMPILE_VARIANTS` in ``modes``, each in a fresh process."""
+    rows: dict[str, Any] = {}
+    for variant in COMPILE_VARIANTS:
+        for mode in modes:
+            outcome = compile_benchmark.measure_isolated(preset_name, variant, mode, steps, device.type)
+            rows[f"{variant}/{mode}"] = outcome if isinstance(outcome, dict) else {"error": outcome}
+    return {"rows": rows}
+
+
 def _verdict(value: float | None, target: float, lower_is_better: bool = True) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "unmeasured"
@@ -369,6 +400,15 @@ def to_markdown(report: dict[str, Any]) -> str:
                     f"| {name} | {mode} | {show(row['median_ms'])} | {show(row.get('ratio_to_gd'))} | "
                     f"{show(row['peak_mib'])} | {show(row.get('mem_ratio_to_gd'))} |"
                 )
+    compiled = report.get("compile", {}).get("rows", {})
+    if compiled:
+        lines += ["", "| variant / mode | compile s | steady ms/step |", "|---|---:|---:|"]
+        lines += [
+            f"| {key} | failed: {row['error']} | |" if "error" in row else f"| {key} | {show(row['compile_s'])} | {show(row['steady_ms'])} |"
+            for key, row in compiled.items()
+        ]
+    if report.get("projector", {}).get("rows"):
+        lines += [""] + projector_markdown(report["projector"]["rows"])
     lines += ["", f"GPU tests: {report.get('gpu_tests', {}).get('summary', '—')}", f"Adam-atan2: {json.dumps(report.get('adam_atan2', {}))}", ""]
     return "\n".join(lines)
 
@@ -381,8 +421,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-budget-seconds", type=float, default=None, help="time for the batch bisection (default 120; 20 dry)")
     parser.add_argument("--dry-run-memory-cap", type=int, default=100, help="batches that 'fit' in a dry run (default 100)")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out")
+    parser.add_argument("--only", default="", help="comma-separated sections to run, the others left out")
     parser.add_argument("--overwrite", action="store_true")
     return parser
+
+
+def skipped_sections(skip: str, only: str) -> set[str] | str:
+    """The sections ``--skip``/``--only`` leave out, or the error message when they name unknown ones or both are given."""
+    skipped = {name.strip() for name in skip.split(",") if name.strip()}
+    kept = {name.strip() for name in only.split(",") if name.strip()}
+    unknown = sorted((skipped | kept) - set(SECTIONS))
+    if unknown or (skipped and kept):
+        return f"--skip and --only take sections from {', '.join(SECTIONS)} (one of the two); got {unknown or 'both'}"
+    return set(SECTIONS) - kept if kept else skipped
+
+
+def section_runners(args: argparse.Namespace, preset: dict[str, Any], device: torch.device, work: Path) -> dict[str, Callable[[], dict[str, Any]]]:
+    """One callable per section of :data:`SECTIONS`, in order, sized for the GPU run or the CPU dry run."""
+    dry = args.dry_run
+    # On CPU, torch.compile would spend minutes in the C++ compiler: the dry run times eager only.
+    modes = (False,) if dry else (True, False)
+    sections: dict[str, Callable[[], dict[str, Any]]] = {
+        "gpu_tests": gpu_tests,
+        "benchmark": lambda: benchmark(preset, device, modes, steps=5 if dry else 10),
+        "max_batch": lambda: max_batch(
+            preset,
+            device,
+            compiled=not dry,
+            budget_s=args.batch_budget_seconds or (20 if dry else 120),
+            cap=args.dry_run_memory_cap if dry else None,
+            start=16 if dry else REFERENCE_BATCH,
+        ),
+        "arc_training": lambda: arc_training(work, args.train_seconds or (15 if dry else 120), dry),
+        "adam_atan2": lambda: adam_atan2(device),
+        "projector": lambda: projector(device, (16, 32, 64) if dry else PROJECTOR_SIZES),
+        "compile": lambda: compile_rows("tiny" if dry else "arc", device, ("eager",) if dry else compile_benchmark.MODES, steps=3 if dry else 10),
+    }
+    assert tuple(sections) == SECTIONS
+    return sections
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -396,7 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     device = torch.device("cpu" if args.dry_run else "cuda")
     preset = dict(PRESETS["tiny" if args.dry_run else "arc"])
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = skipped_sections(args.skip, args.only)
+    if isinstance(skip, str):
+        print(f"error: {skip}", file=sys.stderr)
+        return 1
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     started = time.perf_counter()
@@ -407,23 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "preset": "tiny" if args.dry_run else "arc",
         "command": "python -m analysis.device_check " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    # On CPU, torch.compile would spend minutes in the C++ compiler: the dry run times eager only.
-    modes = (False,) if args.dry_run else (True, False)
     with tempfile.TemporaryDirectory(prefix="device-check-") as work:
-        sections: dict[str, Callable[[], dict[str, Any]]] = {
-            "gpu_tests": gpu_tests,
-            "benchmark": lambda: benchmark(preset, device, modes, steps=5 if args.dry_run else 10),
-            "max_batch": lambda: max_batch(
-                preset,
-                device,
-                compiled=not args.dry_run,
-                budget_s=args.batch_budget_seconds or (20 if args.dry_run else 120),
-                cap=args.dry_run_memory_cap if args.dry_run else None,
-                start=16 if args.dry_run else REFERENCE_BATCH,
-            ),
-            "arc_training": lambda: arc_training(Path(work), args.train_seconds or (15 if args.dry_run else 120), args.dry_run),
-            "adam_atan2": lambda: adam_atan2(device),
-        }
+        sections = section_runners(args, preset, device, Path(work))
         for name, section in sections.items():
             if name in skip:
                 report[name] = {"skipped": True}

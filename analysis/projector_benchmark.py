@@ -2,12 +2,13 @@
 
 ``python -m analysis.benchmark --projector-sizes 64,128,256`` calls :func:`time_projectors`: for every
 size ``m`` a seeded synthetic Gramian (a ``[m, 2048]`` Jacobian whose first third of rows conflicts with
-the rest) and every harvested Gramian of that size (``tests/fixtures/gramians``, written by
-``python -m analysis.harvest_gramians``), each solved by TorchJD's quadprog projector and by
-:class:`jd.projector.PivotingProjector`. A row gives the median time, the smallest cosine between
-UPGrad's update and any objective's gradient (negative: the update harms that objective), and for a
-harvested Gramian the median time of one GD step of the demo model on a batch of ``m`` samples,
-measured in the same process, the cost the projections add to.
+the rest), the Gramians of the late-training families of :func:`late_training_jacobian` (low rank, zero
+rows, duplicated, near-duplicated and tiny rows) and every harvested Gramian of that size
+(``tests/fixtures/gramians``, written by ``python -m analysis.harvest_gramians``), each solved by
+TorchJD's quadprog projector and by :class:`jd.projector.PivotingProjector`. A row gives the median
+time, the smallest cosine between UPGrad's update and any objective's gradient (negative: the update
+harms that objective), and on CPU the median time of one GD step of the demo model on a batch of ``m``
+samples, measured in the same process, the cost the projections add to.
 """
 
 from __future__ import annotations
@@ -36,6 +37,31 @@ def synthetic_gramian(m: int) -> Tensor:
     jacobian = torch.randn(m, 2048, generator=generator) + 0.3 * torch.randn(2048, generator=generator)
     jacobian[: m // 3] *= -0.5
     return (jacobian @ jacobian.T).to(torch.float64)
+
+
+LATE_FAMILIES = ("low_rank", "zero_rows", "duplicates", "near_duplicates", "tiny")
+
+
+def late_training_jacobian(family: str, m: int, n: int = 4000, rank: int = 48) -> Tensor:
+    """A seeded ``[m, n]`` Jacobian shaped like late instance-wise training, float64: rank 48 << m and,
+    beyond ``low_rank``, a quarter of zero rows (solved samples), plus duplicated or near-duplicated rows
+    (the same puzzle twice) or a twelfth of tiny rows (``1e-6``), by ``family`` (:data:`LATE_FAMILIES`)."""
+    if family not in LATE_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(LATE_FAMILIES)}")
+    generator = torch.Generator().manual_seed(7)
+    basis = torch.randn(rank, n, generator=generator, dtype=torch.float64)
+    jacobian = torch.randn(m, rank, generator=generator, dtype=torch.float64) @ basis - 0.5 * basis.sum(0)
+    if family != "low_rank":
+        jacobian[: m // 4] = 0.0
+    quarter = m // 4
+    if family == "duplicates":
+        jacobian[quarter : 2 * quarter] = jacobian[m // 2 : m // 2 + quarter]
+    if family == "near_duplicates":
+        noise = torch.randn(quarter, n, generator=generator, dtype=torch.float64)
+        jacobian[quarter : 2 * quarter] = jacobian[m // 2 : m // 2 + quarter] * 1.000001 + 1e-7 * noise
+    if family == "tiny":
+        jacobian[m // 4 : m // 3] *= 1e-6
+    return jacobian
 
 
 def update_min_cosine(gramian: Tensor, weights: Tensor) -> float:
@@ -84,8 +110,10 @@ def demo_gd_step_ms(batch: int, steps: int = 3) -> float:
 
 
 def projector_cases(sizes: list[int], harvested: Path = HARVESTED) -> list[tuple[str, Tensor]]:
-    """``(name, Gramian)``: the synthetic one of each size, then the harvested ones of those sizes."""
+    """``(name, Gramian)``: the synthetic one of each size, the late-training families', then the harvested ones of those sizes."""
     cases = [(f"synthetic m={m}", synthetic_gramian(m)) for m in sizes]
+    for family in LATE_FAMILIES:
+        cases += [(f"late {family} m={m}", (jacobian := late_training_jacobian(family, m)) @ jacobian.T) for m in sizes]
     if (harvested / "gramians.npz").exists():
         from analysis.harvest_gramians import load_gramians
 
@@ -93,8 +121,11 @@ def projector_cases(sizes: list[int], harvested: Path = HARVESTED) -> list[tuple
     return cases
 
 
-def time_projectors(sizes: list[int], device: torch.device, repeats: int = 3, harvested: Path = HARVESTED) -> list[dict[str, Any]]:
-    """One row per case of :func:`projector_cases`: each solver's median ms and its update's smallest cosine."""
+def time_projectors(
+    sizes: list[int], device: torch.device, repeats: int = 3, harvested: Path = HARVESTED, quadprog_max_m: int = QUADPROG_MAX_M
+) -> list[dict[str, Any]]:
+    """One row per case of :func:`projector_cases`: each solver's median ms and its update's smallest cosine
+    (quadprog only up to ``quadprog_max_m``)."""
     from torchjd.linalg import QuadprogProjector
 
     solvers: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"quadprog": QuadprogProjector(), "pivoting": PivotingProjector()}  # type: ignore[dict-item]  # TorchJD's PSDMatrix marker is a Tensor at run time
@@ -105,13 +136,13 @@ def time_projectors(sizes: list[int], device: torch.device, repeats: int = 3, ha
         gramian = gramian.to(device)
         row: dict[str, Any] = {"case": name, "m": m}
         for label, solver in solvers.items():
-            if label == "quadprog" and m > QUADPROG_MAX_M:
+            if label == "quadprog" and m > quadprog_max_m:
                 row[f"{label}_ms"] = row[f"{label}_min_cos"] = None
                 continue
             row[f"{label}_ms"], weights = _median_ms(partial(upgrad_weights, solver, gramian), repeats, device)
             row[f"{label}_min_cos"] = update_min_cosine(gramian.double(), weights.double())
         row["speedup"] = row["quadprog_ms"] / row["pivoting_ms"] if row["quadprog_ms"] else None
-        if name.startswith("real") and device.type == "cpu" and m not in gd_ms:
+        if device.type == "cpu" and m not in gd_ms:
             gd_ms[m] = demo_gd_step_ms(m)  # once per size
         row["gd_step_ms"] = gd_ms.get(m)
         rows.append(row)
@@ -125,7 +156,7 @@ def projector_markdown(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "UPGrad's m dual-cone projections (median ms; min cos: the smallest cosine of UPGrad's update with any objective's gradient;",
-        f"GD step: one GD step of the demo model on m samples, same process; quadprog skipped above m = {QUADPROG_MAX_M}):",
+        "GD step: one GD step of the demo model on m samples, same process, on CPU; '-': not run (quadprog above a size, GD off CPU)):",
         "",
         "| Gramian | m | quadprog (TorchJD) | min cos | pivoting (jd.projector) | min cos | speed-up | GD step | pivoting / GD step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -35,10 +35,9 @@ from jd.jacobian_engine import local_update
 from jd.per_sample_engine import per_sample_update
 from jd.splits import SplitSpec, group_objectives
 from jd.update import JDUpdate
-from models.loss_terms import LossTerms
 from models.layers import InPlaceSum
+from models.loss_terms import LossTerms
 from models.per_sample import PerSampleWeights, per_sample_weights
-from models.registry import is_compiled
 
 
 class SplitObjectives:
@@ -132,7 +131,7 @@ class PerSampleEngine(_EngineBase):
 
     @contextlib.contextmanager
     def _scope(self, model: nn.Module, batch_size: int) -> Iterator[PerSampleWeights]:
-        weights = per_sample_weights(model, batch_size, in_place=not is_compiled(model), sums=self._sums)
+        weights = per_sample_weights(model, batch_size, reuse=self._sums)
         self._weights = weights
         try:
             yield weights

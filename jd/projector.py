@@ -18,6 +18,9 @@ coordinates are free (``x_i`` unknown, ``y_i = 0``), solve the free block, and s
 whose sign is wrong, falling back to swapping one coordinate at a time (Murty's rule) when the number
 of wrong signs stops falling. Each iteration is one batched solve of the ``k`` programs' free blocks,
 each gathered to its own size (the free set, not ``m``) and solved beside problems of similar size.
+Above ``m = 48`` pivoting starts from free sets guessed by 60 steps of accelerated projected gradient
+(:func:`guess_free_sets`: matrix products in float32) rather than from ``x = 0``, which skips its first
+and largest systems; the guess moves the start only, never what is accepted.
 
 Exact by default (``reg_eps=0``). ``y = G v`` is the vector of inner products of every objective's
 gradient with the projection, so ``y >= 0`` is what makes the update conflict-free. TorchJD solves the
@@ -54,6 +57,7 @@ _EXACT_PIVOTING_ROUNDS = 25  # exact programs left unsolved after this many roun
 _SINGULAR_PIVOT = 1e-7  # a Cholesky pivot this small relative to the largest: solve by pseudo-inverse
 _MASKED_UP_TO = 48  # m up to which free blocks are solved masked at full size rather than gathered
 _GROUP = 16  # problems solved together by _solve_free_block (systems padded to the group's largest free set)
+_GUESS_STEPS = 60  # accelerated projected-gradient steps that guess the free sets pivoting starts from (m > _MASKED_UP_TO)
 
 
 class PivotingProjector(DualConeProjector):
@@ -139,7 +143,12 @@ def _regularized(gramian: Tensor, norm_eps: float, reg_eps: float) -> Tensor:
 
 
 def solve_lcp(
-    matrix: Tensor, offsets: Tensor, max_iterations: int, row_scale: Tensor | None = None, lower: Tensor | None = None
+    matrix: Tensor,
+    offsets: Tensor,
+    max_iterations: int,
+    row_scale: Tensor | None = None,
+    lower: Tensor | None = None,
+    guess_steps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Solve ``x >= 0, y = matrix x + q >= 0, x * y = 0`` for every row ``q`` of ``offsets``.
 
@@ -152,6 +161,9 @@ def solve_lcp(
             tolerance relative to objective ``j``'s own gradient norm (``row_scale = sqrt(diag(matrix))``),
             instead of to the problem's largest entry.
         lower: ``[k, m]``, with ``offsets = lower @ matrix`` (see ``row_scale``).
+        guess_steps: pivoting starts from the free sets of this many :func:`guess_free_sets` steps (0: from
+            ``x = 0``), which moves its start only; ``None``: 60 above ``m = 48`` (1.1-1.7x faster on real
+            Gramians at ``m = 256-768``, 3-9x on late-training families at 768), 0 below (no gain).
 
     Returns:
         ``x`` of shape ``[k, m]`` and a ``[k]`` mask of the problems solved within ``max_iterations``
@@ -159,8 +171,7 @@ def solve_lcp(
     """
     k, m = offsets.shape
     device = offsets.device
-    x = torch.zeros_like(offsets)
-    free = torch.zeros(k, m, dtype=torch.bool, device=device)  # start from x = 0, y = q
+    x, free = _start(matrix, offsets, guess_steps if guess_steps is not None else (_GUESS_STEPS if m > _MASKED_UP_TO else 0))
     best = torch.full((k,), m + 1, device=device)
     backup = torch.full((k,), _BACKUP_ROUNDS, device=device)
     positions = torch.arange(1, m + 1, device=device)
@@ -191,6 +202,46 @@ def solve_lcp(
             rows = unsolved.nonzero().squeeze(1)  # only the problems still unsolved are solved again
             x[rows] = _solve_free_block(matrix, offsets[rows], free[rows])
     return x.clamp_min(0.0), ~unsolved
+
+
+def _start(matrix: Tensor, offsets: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Pivoting's first ``x`` and free sets: ``x = 0`` with nothing free, or with ``steps > 0`` the
+    guessed free sets and their block solutions, for the problems that ``x = 0`` does not already solve
+    (no ``q_j < 0``: early in training, most)."""
+    x = torch.zeros_like(offsets)
+    free = torch.zeros(offsets.shape, dtype=torch.bool, device=offsets.device)
+    if steps > 0:
+        guessed = (offsets < 0).any(1).nonzero().squeeze(1)
+        if guessed.numel() > 0:
+            free[guessed] = guess_free_sets(matrix, offsets[guessed], steps)
+            x[guessed] = _solve_free_block(matrix, offsets[guessed], free[guessed])
+    return x, free
+
+
+def guess_free_sets(matrix: Tensor, offsets: Tensor, steps: int) -> Tensor:
+    """Where ``x > 0`` after ``steps`` of accelerated projected gradient (FISTA) on every problem's
+    ``min x^T matrix x / 2 + q^T x, x >= 0``, in float32: a guess of the solutions' free sets.
+
+    Pivoting from ``x = 0`` first frees every coordinate with ``q_j < 0``, often twice the final free set,
+    and its first systems, the largest, dominate its cost (a Cholesky factor is cubic in their size).
+    A few dozen matrix products land near the final sets. The step is ``1 / lambda_max`` from a few power
+    iterations, enlarged by a tenth against their underestimate."""
+    a = matrix.to(torch.float32)
+    q = offsets.to(torch.float32)
+    vector = torch.ones(a.shape[0], dtype=a.dtype, device=a.device) + 0.5 * torch.linspace(-1, 1, a.shape[0], dtype=a.dtype, device=a.device)
+    for _ in range(20):
+        vector = a @ vector
+        vector = vector / vector.norm().clamp_min(1e-30)
+    step = 1.0 / (1.1 * float(vector @ a @ vector) + 1e-30)
+    x = torch.zeros_like(q)
+    ahead = x
+    momentum = 1.0
+    for _ in range(steps):
+        following = torch.addmm(q, ahead, a, alpha=-step, beta=-step).add_(ahead).clamp_min_(0.0)  # ahead - step (ahead a + q)
+        next_momentum = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
+        ahead = following + ((momentum - 1) / next_momentum) * (following - x)
+        x, momentum = following, next_momentum
+    return torch.nan_to_num(x) > 0
 
 
 def _tolerance(v: Tensor, gradient: Tensor, row_scale: Tensor) -> Tensor:
@@ -241,11 +292,13 @@ def _solve_free_block(matrix: Tensor, offsets: Tensor, free: Tensor) -> Tensor:
     if free.shape[1] <= _MASKED_UP_TO:
         return _solve_masked(matrix, offsets, free)
     counts = free.sum(1)
+    # The matrix beside an identity block, whose rows pad each gathered system to its group's size.
+    padded = torch.block_diag(matrix, torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device))
     if free.shape[0] <= _GROUP:
-        return _solve_gathered(matrix, offsets, free, counts)
+        return _solve_gathered(padded, offsets, free, counts)
     x = torch.empty_like(offsets)
     for group in torch.argsort(counts).split(_GROUP):
-        x[group] = _solve_gathered(matrix, offsets[group], free[group], counts[group])
+        x[group] = _solve_gathered(padded, offsets[group], free[group], counts[group])
     return x
 
 
@@ -264,22 +317,28 @@ def _cholesky_or_pinv(system: Tensor, rhs: Tensor) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(system)
     pivots = factor.diagonal(dim1=-2, dim2=-1)
     singular = (info != 0) | (pivots.amin(-1) <= _SINGULAR_PIVOT * pivots.amax(-1))
-    solution = torch.cholesky_solve(rhs, factor).squeeze(-1)
+    # Two triangular solves: 1-3x faster than torch.cholesky_solve on CPU for these batches, never slower.
+    solution = torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, rhs, upper=False), upper=True).squeeze(-1)
     if bool(singular.any()):  # duplicated or dependent gradients
         solution[singular] = (torch.linalg.pinv(system[singular], hermitian=True) @ rhs[singular]).squeeze(-1)
     return solution
 
 
-def _solve_gathered(matrix: Tensor, offsets: Tensor, free: Tensor, counts: Tensor) -> Tensor:
-    """:func:`_solve_free_block` for one group of problems, on systems the size of its largest free set."""
+def _solve_gathered(padded: Tensor, offsets: Tensor, free: Tensor, counts: Tensor) -> Tensor:
+    """:func:`_solve_free_block` for one group of problems, on systems the size of its largest free set.
+
+    ``padded`` is the ``m x m`` matrix beside an ``m x m`` identity block: a problem with fewer free
+    coordinates than the group's largest takes its padding from the identity's rows, so one gather
+    builds every system (no masking pass over the batch)."""
     n, m = free.shape
     size = int(counts.max()) if n else 0
     if size == 0:
         return torch.zeros_like(offsets)
     order = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :size]  # the free coordinates first
-    valid = torch.arange(size, device=free.device)[None, :] < counts[:, None]
-    both = valid[:, :, None] & valid[:, None, :]
-    system = torch.where(both, matrix[order[:, :, None], order[:, None, :]], 0.0) + torch.diag_embed((~valid).to(matrix.dtype))
-    rhs = -(offsets.gather(1, order) * valid).unsqueeze(-1)
+    positions = torch.arange(size, device=free.device)[None, :]
+    valid = positions < counts[:, None]
+    order = torch.where(valid, order, m + positions)  # distinct rows of the identity block
+    system = padded[order[:, :, None], order[:, None, :]]
+    rhs = -(offsets.gather(1, order.clamp_max(m - 1)) * valid).unsqueeze(-1)
     solution = _cholesky_or_pinv(system, rhs)
-    return torch.zeros_like(offsets).scatter_(1, order, solution * valid)
+    return offsets.new_zeros(n, m + size).scatter_(1, order, solution)[:, :m]

@@ -52,7 +52,9 @@ def _per_sample_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
         return F.linear(x, weight[0].to(x.dtype), shared_bias)
     batch = x.shape[0]
     flat = x.reshape(batch, -1, x.shape[-1])
-    out = _PerSampleLinear.apply(flat, weight, getattr(weight, "per_sample_sum", None))
+    # Inside a compiled graph autograd returns the per-sample gradient: the graph plans its own buffers.
+    in_place = None if torch.compiler.is_compiling() else getattr(weight, "per_sample_sum", None)
+    out = _PerSampleLinear.apply(flat, weight, in_place)
     if bias is not None:  # per-sample [B, out], or shared [out] when it is frozen
         out = out + (bias.to(x.dtype).unsqueeze(1) if bias.dim() == 2 else bias.to(x.dtype))
     return out.reshape(*x.shape[:-1], weight.shape[1])
@@ -64,7 +66,8 @@ class InPlaceSum:
     The recursion calls every layer several times; returned to autograd, each call's per-sample gradient
     would be a fresh ``[B, out, in]`` tensor added to the last. Summed here (``baddbmm_``) they cost
     the matmuls alone. :class:`models.per_sample.PerSampleWeights` attaches one to each linear weight
-    leaf it makes (eager runs; a compiled graph plans its buffers itself) and takes the sum after the backward.
+    leaf it makes and takes the sum after the backward; calls inside a compiled graph leave it out (the
+    graph plans its own buffers).
 
     The sums are written into buffers kept for the next forward (:meth:`restart`): the CPU allocator gives
     a freed block of this size back to the system, and a fresh one costs page faults at every step.
@@ -120,8 +123,9 @@ class _PerSampleLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, weight = ctx.saved_tensors  # type: ignore[attr-defined]  # torch's FunctionCtx stub lacks what save_for_backward sets
-        grad_x = grad_out @ weight[0].to(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        in_place: InPlaceSum | None = ctx.in_place  # type: ignore[attr-defined]
+        needs_x = ctx.needs_input_grad[0]  # type: ignore[attr-defined]  # set by autograd on the backward's ctx
+        grad_x = grad_out @ weight[0].to(grad_out.dtype) if needs_x else None
+        in_place: InPlaceSum | None = ctx.in_place  # type: ignore[attr-defined]  # set by forward
         if in_place is not None:
             in_place.add(grad_out, x)
             return grad_x, None, None

@@ -6,17 +6,15 @@
 them (:meth:`PerSampleWeights.call`, which passes them explicitly through ``torch.func.functional_call``)
 computes sample ``b``'s output with its own copy of the weights: the layers see a weight with a leading
 batch dimension and take their per-sample path. One backward pass of a loss whose ``b``-th term depends
-on sample ``b`` alone then leaves in each leaf's ``.grad`` the ``B`` per-sample gradients — the rows of
-the IWRM Jacobian — for the FLOPs of one ordinary backward (the weight gradient is computed per sample
-instead of summed). Plain autograd does the work, so it also runs under ``torch.compile``. The module
-itself is never modified.
+on sample ``b`` alone then gives the ``B`` per-sample gradients — the rows of the IWRM Jacobian — for
+the FLOPs of one ordinary backward (the weight gradient is computed per sample instead of summed);
+:meth:`PerSampleWeights.gradients` collects them. The module itself is never modified.
 
-In eager runs (``in_place=True``) a linear layer's per-sample gradient skips autograd's return path:
-each call adds its share into the weight's :class:`~models.layers.InPlaceSum`, and
-:meth:`PerSampleWeights.gradients` collects the sums after the backward. The recursion calls every
-layer several times, and a ``[B, out, in]`` tensor per call, summed by autograd, cost more than the
-matmuls themselves (``analysis.benchmark``'s IWRM row). A compiled graph plans its own buffers, so
-compiled models use autograd's path (``in_place=False``).
+Inside a compiled graph autograd does all the work (it returns each leaf's per-sample gradient; the
+graph plans its own buffers). Elsewhere a linear layer's per-sample gradient skips autograd's return
+path: each call adds its share into the weight's :class:`~models.layers.InPlaceSum`. The recursion calls
+every layer several times, and a ``[B, out, in]`` tensor per call, summed by autograd, cost more than
+the matmuls themselves (``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -84,17 +82,19 @@ class PerSampleWeights:
 
 
 def per_sample_weights(
-    model: nn.Module, batch_size: int, in_place: bool = True, sums: dict[nn.Parameter, InPlaceSum] | None = None
+    model: nn.Module, batch_size: int, in_place: bool = True, reuse: dict[nn.Parameter, InPlaceSum] | None = None
 ) -> PerSampleWeights:
     """Per-sample leaves for every trainable parameter of ``model`` (all must belong to ``CastedLinear`` or
-    ``CastedEmbedding`` layers; frozen ones keep computing as usual). ``in_place``: linear weights sum their
-    per-sample gradients in place (eager models; see the module docstring), into ``sums`` when given: the
-    caller's from earlier steps, restarted here, so that their buffers are reused (the gradients they
-    gave before are overwritten by the next backward)."""
+    ``CastedEmbedding`` layers; frozen ones keep computing as usual).
+
+    ``in_place``: linear weights sum their per-sample gradients in place outside compiled graphs (see the
+    module docstring; ``False``: autograd returns them everywhere). ``reuse``: the caller's sums from an
+    earlier call (filled here), restarted so that their buffers serve again: the gradients they gave
+    before are overwritten by the next backward."""
     by_name: dict[str, Tensor] = {}
     by_parameter: dict[nn.Parameter, Tensor] = {}
-    kept = {} if sums is None else sums
-    sums = {}
+    sums: dict[nn.Parameter, InPlaceSum] = {}
+    kept = {} if reuse is None else reuse
     for prefix, module in model.named_modules():
         if not isinstance(module, CastedLinear | CastedEmbedding):
             continue

@@ -60,8 +60,3 @@ def compile_core(model: ACTModel, *, repeated_backward: bool, regional: bool = F
     regions: list[torch.nn.Module] = [module for module in model.core.modules() if isinstance(module, ReasoningModule)]
     for module in regions or [module for module in model.core.modules() if isinstance(module, Block)]:
         module.compile()
-
-
-def is_compiled(model: torch.nn.Module) -> bool:
-    """Whether ``model`` or any of its submodules runs through ``torch.compile`` (:func:`compile_core`)."""
-    return any(module._compiled_call_impl is not None for module in model.modules())

@@ -27,9 +27,15 @@ def test_dry_run_runs_every_section_and_writes_the_targets(tmp_path: Path, capsy
     assert report["arc_training"]["steps"] > 0 and report["arc_training"]["median_data_wait_s"] >= 0
     assert report["adam_atan2"]["pure"]["median_ms"] > 0 and "not" in report["adam_atan2"]["fused"]
     assert report["gpu_tests"]["passed"]
+    projector = {row["case"]: row for row in report["projector"]["rows"]}
+    assert {"synthetic m=32", "real step1200-m64"} <= set(projector)
+    assert all(row["pivoting_ms"] > 0 and row["pivoting_min_cos"] >= -1e-6 for row in projector.values())
+    assert set(report["compile"]["rows"]) == {"gd/eager", "iwrm-per_sample/eager"}
+    assert all(row["steady_ms"] > 0 for row in report["compile"]["rows"].values()), report["compile"]
     assert all(row["verdict"].startswith("rehearsal") for row in report["targets"])
     markdown = (out / "device_check.md").read_text()
     assert "| target | measured | verdict |" in markdown and "iwrm_per_sample" in markdown
+    assert "| iwrm-per_sample/eager |" in markdown and "| real step1200-m64 |" in markdown
     assert device_check_main(["--out", str(out), "--dry-run"]) == 1  # never overwritten without --overwrite
     assert "exists" in capsys.readouterr().err
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from analysis.benchmark import main
+from analysis.benchmark import _peak_resident_mib, _restart_resident_peak, main
 
 
 def test_existing_results_are_not_overwritten(tmp_path: Path) -> None:
@@ -25,3 +26,16 @@ def test_bad_arguments_are_named(tmp_path: Path, flag: str, message: str, capsys
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", flag, "--out", str(tmp_path)])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the kernel's peak-memory reset is Linux's")
+def test_a_variant_below_an_earlier_peak_still_measures_its_own_growth() -> None:
+    # A priming run (or the imports) peaks higher than the variant: without the restart it would read 0 MiB.
+    earlier = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del earlier
+    _restart_resident_peak()
+    before = _peak_resident_mib()
+    variant = torch.ones(16 * 2**20 // 4)  # 16 MiB
+    grown = _peak_resident_mib() - before
+    del variant
+    assert 12 < grown < 40, grown

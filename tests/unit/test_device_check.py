@@ -5,7 +5,11 @@ This file holds the unit tests; the others are in tests/integration/test_device_
 
 from __future__ import annotations
 
-from analysis.device_check import targets_table
+from pathlib import Path
+
+import pytest
+
+from analysis.device_check import main, targets_table
 
 
 def test_targets_are_met_or_not_by_the_numbers() -> None:
@@ -31,3 +35,14 @@ def test_targets_are_met_or_not_by_the_numbers() -> None:
     assert verdicts["GD peak memory <= 17.2 GiB (reference, H100)"] == "met"
     assert verdicts["largest GD batch per GPU > 96 (reference)"] == "met"
     assert verdicts["ARC training: data wait < 5% of the step"] == "NOT met"
+
+
+@pytest.mark.parametrize(
+    "flags", [["--only", "projecter"], ["--skip", "compile,gpu_test"], ["--only", "compile", "--skip", "projector"]], ids=["misspelt", "skip", "both"]
+)
+def test_unknown_or_conflicting_sections_are_refused_before_anything_runs(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--out", str(tmp_path / "dc"), "--dry-run", *flags]) == 1
+    error = capsys.readouterr().err
+    assert "--skip and --only take sections from gpu_tests, benchmark" in error and not (tmp_path / "dc").exists()

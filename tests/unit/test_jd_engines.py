@@ -117,3 +117,21 @@ def test_per_sample_engine_refuses_splits_it_cannot_do() -> None:
         build_jd_step(JDConfig(split="iwrm_with_q_halt_in", aggregator="graddrop", engine="per_sample"))
     assert build_jd_step(JDConfig(split="iwrm_with_q_halt_in")).engine == "per_sample"
     assert build_jd_step(JDConfig(split="pixelwise_q_halt_in")).engine == "gramian"
+
+
+def test_the_mixing_matrix_is_kept_by_shape_and_still_checked_every_step() -> None:
+    """The per-sample engine reads the split's mixing matrix off once per shape; a later step whose objectives
+    the kept matrix does not rebuild (a split not linear in the per-sample losses) still fails loudly."""
+    from jd.per_sample_engine import mixing_matrix
+    from jd.splits import split_from_config
+    from models.loss_terms import LossTerms
+
+    split = split_from_config(JDConfig(split="lm_loss_vs_q_halt_loss"))
+    terms = LossTerms(lm=torch.rand(BATCH, SEQ), q_halt=torch.rand(BATCH))
+    channels = [terms.lm.sum(dim=1), terms.halting()]
+    known: dict[tuple[int, ...], torch.Tensor] = {}
+    first = mixing_matrix(split, [terms], channels, split.objectives([terms]), known)
+    assert len(known) == 1 and torch.allclose(first @ torch.cat(channels), split.objectives([terms]))
+    assert mixing_matrix(split, [terms], channels, split.objectives([terms]), known) is first
+    with pytest.raises(ValueError, match="not linear in per-sample losses"):
+        mixing_matrix(split, [terms], channels, split.objectives([terms]).square(), known)

@@ -10,8 +10,9 @@ import torch
 from torchjd.aggregation import DualProj, UPGrad
 from torchjd.linalg import QuadprogProjector
 
+from analysis.projector_benchmark import LATE_FAMILIES, late_training_jacobian
 from jd.aggregators import build_aggregator
-from jd.projector import PivotingProjector, _regularized, _solve_free_block, solve_lcp
+from jd.projector import PivotingProjector, _regularized, _solve_free_block, guess_free_sets, solve_lcp
 
 
 def _jacobian(m: int, n: int, seed: int, conflicting: bool) -> torch.Tensor:
@@ -56,7 +57,8 @@ def test_equals_quadprog_and_satisfies_the_optimality_conditions(m: int, n: int,
     assert _kkt_violation(got, lower, gramian) < 1e-9
 
 
-def test_matches_brute_force_on_general_complementarity_problems() -> None:
+@pytest.mark.parametrize("guess_steps", [0, 3, 60])  # from x = 0, from a rough guess of the free sets, from a close one
+def test_matches_brute_force_on_general_complementarity_problems(guess_steps: int) -> None:
     """Small positive-definite LCPs with arbitrary offsets, against enumerating every free set."""
     generator = torch.Generator().manual_seed(0)
     for _ in range(40):
@@ -64,7 +66,7 @@ def test_matches_brute_force_on_general_complementarity_problems() -> None:
         factor = torch.randn(m, m, generator=generator, dtype=torch.float64)
         matrix = factor @ factor.T + 0.05 * torch.eye(m, dtype=torch.float64)
         offsets = torch.randn(5, m, generator=generator, dtype=torch.float64)
-        x, solved = solve_lcp(matrix, offsets, max_iterations=100)
+        x, solved = solve_lcp(matrix, offsets, max_iterations=100, guess_steps=guess_steps)
         assert solved.all()
         for row, q in enumerate(offsets):
             for free in itertools.product([False, True], repeat=m):
@@ -158,11 +160,27 @@ def test_bad_settings_are_named() -> None:
         PivotingProjector(max_iterations=0)
 
 
-def test_gathered_free_blocks_equal_each_problems_own_solve() -> None:
-    """Free blocks gathered to their own size and solved in groups of similar size give each problem's
-    direct solve (the minimum-norm one where the block is singular: a duplicated gradient)."""
+def test_where_pivoting_starts_does_not_change_the_solution() -> None:
+    """The guessed free sets (the default above m = 48) only move pivoting's start: the same solutions."""
+    generator = torch.Generator().manual_seed(3)
+    m = 96
+    factor = torch.randn(m, 2 * m, generator=generator, dtype=torch.float64)
+    matrix = factor @ factor.T / (2 * m)
+    offsets = torch.randn(40, m, generator=generator, dtype=torch.float64)
+    guessed, solved = solve_lcp(matrix, offsets, max_iterations=100)
+    cold, cold_solved = solve_lcp(matrix, offsets, max_iterations=100, guess_steps=0)
+    assert solved.all() and cold_solved.all()
+    torch.testing.assert_close(guessed, cold, rtol=1e-9, atol=1e-12)
+    # On the identity the program separates: x = max(0, -q), so the free sets are where q < 0.
+    assert torch.equal(guess_free_sets(torch.eye(m, dtype=torch.float64), offsets, 60), offsets < 0)
+
+
+@pytest.mark.parametrize("m", [20, 60])  # masked at full size (m <= 48), gathered above
+def test_free_blocks_equal_each_problems_own_solve(m: int) -> None:
+    """Free blocks, masked or gathered to their own size and solved in groups of similar size, give each
+    problem's direct solve (the minimum-norm one where the block is singular: a duplicated gradient)."""
     generator = torch.Generator().manual_seed(0)
-    m, k = 20, 40  # more problems than one group holds
+    k = 40  # more problems than one group holds
     factor = torch.randn(m, 12, generator=generator, dtype=torch.float64)
     factor[3] = factor[5]  # a duplicate: blocks holding both are singular
     matrix = factor @ factor.T
@@ -198,28 +216,10 @@ def test_real_harvested_gramians_get_conflict_free_updates(size: int) -> None:
         assert cosines.min() >= -1e-6, name
 
 
-def _late_training_jacobian(family: str, m: int = 128, n: int = 4000, rank: int = 48) -> torch.Tensor:
-    """Jacobians shaped like late instance-wise training: rank 48 << m, and solved samples' zero rows,
-    duplicated and near-duplicated rows (the same puzzle), or tiny rows."""
-    generator = torch.Generator().manual_seed(7)
-    basis = torch.randn(rank, n, generator=generator, dtype=torch.float64)
-    jacobian = torch.randn(m, rank, generator=generator, dtype=torch.float64) @ basis - 0.5 * basis.sum(0)
-    if family != "low_rank":
-        jacobian[: m // 4] = 0.0
-    if family == "duplicates":
-        jacobian[m // 4 : m // 2] = jacobian[m // 2 : 3 * m // 4]
-    if family == "near_duplicates":
-        noise = torch.randn(m // 4, n, generator=generator, dtype=torch.float64)
-        jacobian[m // 4 : m // 2] = jacobian[m // 2 : 3 * m // 4] * 1.000001 + 1e-7 * noise
-    if family == "tiny":
-        jacobian[m // 4 : m // 3] *= 1e-6
-    return jacobian
-
-
-@pytest.mark.parametrize("family", ["low_rank", "zero_rows", "duplicates", "near_duplicates", "tiny"])
+@pytest.mark.parametrize("family", LATE_FAMILIES)
 def test_late_training_families_get_conflict_free_updates(family: str) -> None:
     """Cosines from the explicit Jacobian: >= -1e-6 for every objective with a gradient."""
-    jacobian = _late_training_jacobian(family)
+    jacobian = late_training_jacobian(family, m=128)
     update = UPGrad(projector=PivotingProjector())(jacobian)
     norms = jacobian.norm(dim=1)
     cosines = (jacobian @ update)[norms > 0] / (norms[norms > 0] * update.norm())

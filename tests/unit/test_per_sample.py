@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from models.layers import CastedLinear
+from models.layers import CastedLinear, InPlaceSum
 from models.losses import ACTLossHead
 from models.per_sample import per_sample_weights
 from models.registry import build_model
@@ -64,8 +64,29 @@ def test_in_place_sums_cover_every_call_of_a_weight_and_restart_after_each_take(
     [got] = weights.gradients([layer.weight], torch.autograd.grad(loss(lambda x: weights.call(layer, x)), [leaf], allow_unused=True))
     assert weights.in_place[layer.weight].take() is None, "gradients() took the sum"
     for b in range(4):
+
         def one(x: torch.Tensor, b: int = b) -> torch.Tensor:
             return layer(x[b : b + 1])
 
-        single = (one(tracked).pow(2).sum() + one(untracked).sin().sum())
+        single = one(tracked).pow(2).sum() + one(untracked).sin().sum()
         torch.testing.assert_close(got[b], torch.autograd.grad(single, layer.weight)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_kept_in_place_sums_reuse_their_buffers_and_stay_exact() -> None:
+    """Per-sample weights made with the caller's sums (``reuse``: the engine's, kept from step to step) write the next
+    backward's sums into the buffers of the last, and every step's gradients are still each sample's own."""
+    torch.manual_seed(0)
+    layer = CastedLinear(3, 2)
+    sums: dict[torch.nn.Parameter, InPlaceSum] = {}
+    pointers = []
+    for step in range(2):
+        x = torch.randn(4, 5, 3) + step
+        weights = per_sample_weights(layer, 4, reuse=sums)
+        leaf = weights.by_parameter[layer.weight]
+        grads = torch.autograd.grad(weights.call(layer, x).pow(2).sum(), [leaf], allow_unused=True)
+        [got] = weights.gradients([layer.weight], grads)
+        pointers.append(got.data_ptr())
+        for b in range(4):
+            expected = torch.autograd.grad(layer(x[b : b + 1]).pow(2).sum(), layer.weight)[0]
+            torch.testing.assert_close(got[b], expected, rtol=1e-5, atol=1e-6)
+    assert pointers[0] == pointers[1], "the second step wrote into the first step's buffer"
