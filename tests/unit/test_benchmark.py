@@ -5,10 +5,10 @@ This file holds the unit tests; the others are in tests/integration/test_benchma
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import pytest
-import torch
 
 from analysis.benchmark import _peak_resident_mib, _restart_resident_peak, main
 
@@ -31,11 +31,17 @@ def test_bad_arguments_are_named(tmp_path: Path, flag: str, message: str, capsys
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the kernel's peak-memory reset is Linux's")
 def test_a_variant_below_an_earlier_peak_still_measures_its_own_growth() -> None:
     # A priming run (or the imports) peaks higher than the variant: without the restart it would read 0 MiB.
-    earlier = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    del earlier
+    # Fresh anonymous mappings, touched page by page, so that no allocator's free memory hides the growth.
+    def touched(mib: int) -> mmap.mmap:
+        region = mmap.mmap(-1, mib * 2**20)
+        for offset in range(0, len(region), mmap.PAGESIZE):
+            region[offset] = 1
+        return region
+
+    touched(64).close()
     _restart_resident_peak()
     before = _peak_resident_mib()
-    variant = torch.ones(16 * 2**20 // 4)  # 16 MiB
+    variant = touched(16)
     grown = _peak_resident_mib() - before
-    del variant
+    variant.close()
     assert 12 < grown < 40, grown
