@@ -1,4 +1,4 @@
-"""Measure every GPU target in one command (about 8 minutes on one H100/H200), or rehearse it on CPU.
+"""Measure every GPU target in one command (an estimated 8 minutes on one H100/H200; not yet run on one), or rehearse it on CPU.
 
     python -m analysis.device_check --out device-check            # on the GPU machine
     python -m analysis.device_check --out /tmp/dc --dry-run        # CPU, tiny sizes, about a minute
