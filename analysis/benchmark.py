@@ -481,7 +481,7 @@ def _measure(label: str, values: dict[str, Any], engine: str, args: argparse.Nam
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not settings.isolate and device.type == "cpu":
-        result.peak_mem_mib = None  # the process's peak so far, not this variant's
+        result.peak_mem_mib = None  # in one process, memory freed by earlier variants stays resident and hides growth
     return result
 
 

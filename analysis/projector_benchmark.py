@@ -51,16 +51,16 @@ def late_training_jacobian(family: str, m: int, n: int = 4000, rank: int = 48) -
     generator = torch.Generator().manual_seed(7)
     basis = torch.randn(rank, n, generator=generator, dtype=torch.float64)
     jacobian = torch.randn(m, rank, generator=generator, dtype=torch.float64) @ basis - 0.5 * basis.sum(0)
-    if family != "low_rank":
-        jacobian[: m // 4] = 0.0
     quarter = m // 4
+    if family != "low_rank":
+        jacobian[:quarter] = 0.0
     if family == "duplicates":
         jacobian[quarter : 2 * quarter] = jacobian[m // 2 : m // 2 + quarter]
     if family == "near_duplicates":
         noise = torch.randn(quarter, n, generator=generator, dtype=torch.float64)
         jacobian[quarter : 2 * quarter] = jacobian[m // 2 : m // 2 + quarter] * 1.000001 + 1e-7 * noise
     if family == "tiny":
-        jacobian[m // 4 : m // 3] *= 1e-6
+        jacobian[quarter : m // 3] *= 1e-6
     return jacobian
 
 

@@ -290,8 +290,8 @@ class JDStep:
             return (
                 f"jd.split={self.split.name} gives m={m} objectives per step: the per_sample engine needs one backward, but "
                 f"{self.config.aggregator_name} solves {programs} quadratic program(s) of size {m} per step (UPGrad measured on real "
-                f"Gramians of the demo task, 2 CPU threads: 0.01 s at m=128, 0.03-0.06 s at m=256, 0.5 s at m=512, 1.5 s at m=768, "
-                f"0.1-3x a GD step of that batch, up to 7.5x on a random full-rank Gramian; python -m analysis.benchmark --projector-sizes); "
+                f"Gramians of the demo task, 2 CPU threads: under 0.01 s at m=128, under 0.04 s at m=256, 0.45 s at m=512, 1.4 s at m=768, "
+                f"up to 2.6x a GD step of that batch, 4.9x on a random full-rank Gramian; python -m analysis.benchmark --projector-sizes); "
                 f"jd.n_groups={max(2, min(16, m // 64))} would bucket the objectives"
             )
         projection = (
